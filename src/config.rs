@@ -1,0 +1,455 @@
+//! Configuration: the TOML file (`/etc/esp-bridge.toml` by default), built-in defaults, and
+//! command-line overrides, merged into one validated [`Config`].
+//!
+//! Validation happens while deserializing (each value type checks itself), so every error
+//! that toml reports carries the file's line and column and the key, and says what is allowed.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the service looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/esp-bridge.toml";
+
+/// The whole configuration, after defaults and overrides.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub serial: SerialConfig,
+    pub network: NetworkConfig,
+    pub control: ControlConfig,
+}
+
+/// `[serial]`: the UART and its settings at the start of every client session.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SerialConfig {
+    pub device: PathBuf,
+    pub baud: BaudRate,
+    pub data_bits: DataBits,
+    pub parity: Parity,
+    pub stop_bits: StopBits,
+    pub flow_control: FlowControl,
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        SerialConfig {
+            device: PathBuf::from("/dev/serial0"),
+            baud: BaudRate(115_200),
+            data_bits: DataBits(8),
+            parity: Parity::None,
+            stop_bits: StopBits(1),
+            flow_control: FlowControl::None,
+        }
+    }
+}
+
+/// `[network]`: where clients connect and how a second client is treated.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Addresses bound when no socket is passed in by systemd.
+    pub listen: Vec<SocketAddr>,
+    pub second_client: SecondClient,
+    /// Seconds of silence before TCP keepalive probes start; a dead peer is dropped after
+    /// about this plus 3 probes at a third of it.
+    pub keepalive_secs: KeepaliveSecs,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
+            second_client: SecondClient::Refuse,
+            keepalive_secs: KeepaliveSecs(10),
+        }
+    }
+}
+
+impl NetworkConfig {
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.keepalive_secs.0)
+    }
+}
+
+/// What to do when a client connects while another is being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecondClient {
+    /// Tell the newcomer the port is busy and close its connection.
+    Refuse,
+    /// Disconnect the current client and serve the newcomer (for a client that crashed and
+    /// reconnects before keepalive noticed).
+    Replace,
+}
+
+/// `[control]`: how the client's DTR/RTS reach the board's EN and IO0.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub backend: ControlBackend,
+    pub gpio: GpioConfig,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            backend: ControlBackend::None,
+            gpio: GpioConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlBackend {
+    /// Nothing is driven; DTR/RTS requests are acknowledged only.
+    None,
+    /// Two GPIO lines wired to EN and IO0.
+    Gpio,
+    /// The UART's own DTR/RTS (a USB dev board with the auto-program circuit).
+    Modem,
+}
+
+impl fmt::Display for ControlBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ControlBackend::None => "none",
+            ControlBackend::Gpio => "gpio",
+            ControlBackend::Modem => "modem",
+        })
+    }
+}
+
+/// `[control.gpio]`: the two lines of the seed wiring, found by name on any gpiochip.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpioConfig {
+    /// The line wired to EN (reset), driven by the client's RTS.
+    pub reset: LineName,
+    /// The line wired to IO0 (boot mode), driven by the client's DTR.
+    pub boot: LineName,
+    /// Asserted = driven low, as with the transistors of a dev board.
+    pub active_low: bool,
+}
+
+impl Default for GpioConfig {
+    fn default() -> Self {
+        GpioConfig {
+            reset: LineName("GPIO22".into()),
+            boot: LineName("GPIO10".into()),
+            active_low: true,
+        }
+    }
+}
+
+macro_rules! checked_value {
+    ($name:ident, $inner:ty, $check:expr) => {
+        #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+        #[serde(try_from = "i64")]
+        pub struct $name(pub $inner);
+
+        impl TryFrom<i64> for $name {
+            type Error = String;
+            fn try_from(v: i64) -> Result<Self, String> {
+                let check: fn(i64) -> Result<$inner, String> = $check;
+                check(v).map($name)
+            }
+        }
+    };
+}
+
+checked_value!(BaudRate, u32, |v| {
+    if (50..=20_000_000).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(format!(
+            "baud rate {v} is out of range: use a rate from 50 to 20000000, e.g. 115200"
+        ))
+    }
+});
+
+checked_value!(DataBits, u8, |v| {
+    if (5..=8).contains(&v) {
+        Ok(v as u8)
+    } else {
+        Err(format!("data_bits {v} is not allowed: use 5, 6, 7 or 8"))
+    }
+});
+
+checked_value!(StopBits, u8, |v| {
+    if v == 1 || v == 2 {
+        Ok(v as u8)
+    } else {
+        Err(format!("stop_bits {v} is not allowed: use 1 or 2"))
+    }
+});
+
+checked_value!(KeepaliveSecs, u64, |v| {
+    if (1..=3600).contains(&v) {
+        Ok(v as u64)
+    } else {
+        Err(format!(
+            "keepalive_secs {v} is out of range: use 1 to 3600 seconds"
+        ))
+    }
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    None,
+    Software,
+    Hardware,
+}
+
+/// A GPIO line name as the kernel reports it (`gpioinfo`), e.g. "GPIO22".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct LineName(pub String);
+
+impl TryFrom<String> for LineName {
+    type Error = String;
+    fn try_from(v: String) -> Result<Self, String> {
+        if v.trim().is_empty() || v.len() > 31 {
+            Err(format!(
+                "line name {v:?} is not valid: give the name gpioinfo shows, e.g. \"GPIO22\""
+            ))
+        } else {
+            Ok(LineName(v))
+        }
+    }
+}
+
+/// A configuration that could not be used, with what to do about it.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file given with --config could not be read.
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// Syntax, unknown key, wrong type or a value out of range. `detail` is toml's report,
+    /// which shows the line, the column and the key.
+    Invalid { path: PathBuf, detail: String },
+    /// A command-line value was not acceptable.
+    Override { flag: &'static str, detail: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => write!(
+                f,
+                "cannot read config file {}: {error}\n  hint: check the path, or run without --config to use the built-in defaults",
+                path.display()
+            ),
+            ConfigError::Invalid { path, detail } => write!(
+                f,
+                "invalid config file {}: {}\n  hint: the shipped example with every key explained is config/esp-bridge.toml (/usr/share/doc/esp-bridge/esp-bridge.toml when installed)",
+                path.display(),
+                detail.trim_end()
+            ),
+            ConfigError::Override { flag, detail } => write!(f, "invalid {flag}: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub device: Option<PathBuf>,
+    pub listen: Vec<SocketAddr>,
+    pub baud: Option<u32>,
+    pub control: Option<ControlBackend>,
+}
+
+/// Where the configuration came from, for the start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    BuiltIn,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::BuiltIn => write!(f, "built-in defaults ({DEFAULT_PATH} not found)"),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Reads `explicit` if given (it must exist), else [`DEFAULT_PATH`] if it exists, else the
+    /// built-in defaults; then applies the overrides.
+    pub fn load(
+        explicit: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<(Config, Source), ConfigError> {
+        let (mut config, source) = match explicit {
+            Some(path) => (Self::read(path)?, Source::File(path.to_path_buf())),
+            None => {
+                let path = Path::new(DEFAULT_PATH);
+                match std::fs::read_to_string(path) {
+                    Ok(text) => (Self::parse(&text, path)?, Source::File(path.to_path_buf())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        (Config::default(), Source::BuiltIn)
+                    }
+                    Err(error) => {
+                        return Err(ConfigError::Read {
+                            path: path.to_path_buf(),
+                            error,
+                        });
+                    }
+                }
+            }
+        };
+        config.apply(overrides)?;
+        Ok((config, source))
+    }
+
+    fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Applies command-line overrides, validating them like file values.
+    pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if let Some(device) = &o.device {
+            self.serial.device = device.clone();
+        }
+        if !o.listen.is_empty() {
+            self.network.listen = o.listen.clone();
+        }
+        if let Some(baud) = o.baud {
+            self.serial.baud =
+                BaudRate::try_from(i64::from(baud)).map_err(|detail| ConfigError::Override {
+                    flag: "--baud",
+                    detail,
+                })?;
+        }
+        if let Some(control) = o.control {
+            self.control.backend = control;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("/etc/esp-bridge.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x")).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.serial.device, PathBuf::from("/dev/serial0"));
+        assert_eq!(c.control.gpio.reset.0, "GPIO22");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../config/esp-bridge.toml");
+        let c = Config::parse(text, Path::new("config/esp-bridge.toml")).unwrap();
+        assert_eq!(c.serial.device, PathBuf::from("/dev/serial0"));
+        assert_eq!(c.serial.baud.0, 115_200);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err("[serial]\ndevice = \"/dev/ttyUSB0\"\nspeed = 9600\n");
+        assert!(e.contains("/etc/esp-bridge.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("speed"), "{e}");
+        assert!(e.contains("baud"), "lists the allowed keys: {e}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let e = err("[serial]\ndevice = /dev/ttyUSB0\n");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_range_say_what_is_allowed() {
+        let e = err("[serial]\nbaud = \"fast\"\n");
+        assert!(e.contains("line 2") && e.contains("baud"), "{e}");
+        let e = err("[serial]\nbaud = 0\n");
+        assert!(e.contains("50 to 20000000"), "{e}");
+        let e = err("[serial]\ndata_bits = 9\n");
+        assert!(e.contains("5, 6, 7 or 8"), "{e}");
+        let e = err("[serial]\nparity = \"sometimes\"\n");
+        assert!(e.contains("none") && e.contains("even"), "{e}");
+        let e = err("[network]\nlisten = [\"localhost\"]\n");
+        assert!(e.contains("listen") && e.contains("line 2"), "{e}");
+        let e = err("[network]\nsecond_client = \"kick\"\n");
+        assert!(e.contains("refuse") && e.contains("replace"), "{e}");
+        let e = err("[control]\nbackend = \"relay\"\n");
+        assert!(e.contains("gpio") && e.contains("modem"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let mut c = Config::default();
+        c.apply(&Overrides {
+            device: Some("/dev/ttyUSB1".into()),
+            listen: vec!["127.0.0.1:4000".parse().unwrap()],
+            baud: Some(921_600),
+            control: Some(ControlBackend::None),
+        })
+        .unwrap();
+        assert_eq!(c.serial.device, PathBuf::from("/dev/ttyUSB1"));
+        assert_eq!(c.network.listen.len(), 1);
+        assert_eq!(c.serial.baud.0, 921_600);
+        let bad = c.apply(&Overrides {
+            baud: Some(0),
+            ..Default::default()
+        });
+        assert!(bad.unwrap_err().to_string().contains("--baud"));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_with_a_hint() {
+        let e = Config::load(
+            Some(Path::new("/nonexistent/x.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/nonexistent/x.toml") && e.contains("hint"),
+            "{e}"
+        );
+    }
+}
