@@ -1,0 +1,762 @@
+//! A virtual ESP32 (original ESP32, ESP32-D0WD-V3 rev v3.1) at the far end of
+//! a Linux pseudo-terminal, faithful enough that the real esptool flashes it.
+//!
+//! [`Esp32Sim::start`] opens the pty and runs the chip in its own thread:
+//! boot straps on EN and IO0 ([`StrapPins`]), the ROM download mode with its
+//! SLIP loader and the flasher stub esptool uploads, an application mode with
+//! a boot log and a periodic log line, a UART with its own baud rate that
+//! garbles whatever the host sends or expects at another rate, and a flash
+//! chip that can persist to a file. Everything observable (pin edges, mode
+//! changes, baud changes, wrong-rate traffic) is recorded as [`SimEvent`]s.
+//!
+//! Layout: [`slip`], [`loader`], [`regs`], [`flash`], [`uart`] and [`app`]
+//! are pure and unit-tested; [`pty`] and [`chip`] do the I/O.
+
+pub mod app;
+pub mod chip;
+pub mod flash;
+pub mod loader;
+pub mod pty;
+pub mod regs;
+pub mod slip;
+pub mod uart;
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rustix::event::{EventfdFlags, eventfd};
+
+pub use flash::Flash;
+
+/// The electrical level of a strap pin. Released pins are pulled up (High).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Level {
+    Low,
+    High,
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Low => "low",
+            Level::High => "high",
+        }
+    }
+}
+
+/// What the chip does when it comes out of reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BootMode {
+    /// IO0 high: boot the application from flash.
+    App,
+    /// IO0 low: ROM serial download mode ("waiting for download").
+    Download,
+}
+
+/// What the chip is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChipMode {
+    /// Held in reset by EN, or still in the ROM's start-up.
+    Reset,
+    /// The ROM loader is waiting for commands.
+    Download,
+    /// The flasher stub uploaded by esptool is running.
+    Stub,
+    /// The application is running.
+    App,
+}
+
+impl ChipMode {
+    fn name(self) -> &'static str {
+        match self {
+            ChipMode::Reset => "reset",
+            ChipMode::Download => "download",
+            ChipMode::Stub => "stub",
+            ChipMode::App => "app",
+        }
+    }
+}
+
+/// Which way bytes were travelling when the rates disagreed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Host to chip: the chip received garbage (and the frame failed).
+    Rx,
+    /// Chip to host: the host received garbage.
+    Tx,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimEventKind {
+    /// EN changed level (High = released, the chip runs).
+    En(Level),
+    /// IO0 changed level.
+    Io0(Level),
+    /// The chip entered a mode: `Reset` when EN pulls it into reset (or a
+    /// software reset starts), the others when they begin.
+    Mode(ChipMode),
+    /// The chip's UART changed rate.
+    Baud { from: u32, to: u32 },
+    /// Bytes crossed the line while the chip and the host disagreed on the rate.
+    WrongBaud {
+        dir: Direction,
+        chip_baud: u32,
+        host_baud: u32,
+        bytes: usize,
+    },
+}
+
+/// Something that happened, `t_us` microseconds after the sim started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimEvent {
+    pub t_us: u64,
+    pub kind: SimEventKind,
+}
+
+impl SimEvent {
+    /// One JSON object, as written to the event log.
+    pub fn to_json(&self) -> String {
+        let mut s = format!("{{\"t_us\":{},", self.t_us);
+        // Writing to a String cannot fail.
+        let _ = match &self.kind {
+            SimEventKind::En(l) => write!(s, "\"event\":\"en\",\"level\":\"{}\"", l.name()),
+            SimEventKind::Io0(l) => write!(s, "\"event\":\"io0\",\"level\":\"{}\"", l.name()),
+            SimEventKind::Mode(m) => write!(s, "\"event\":\"mode\",\"mode\":\"{}\"", m.name()),
+            SimEventKind::Baud { from, to } => {
+                write!(s, "\"event\":\"baud\",\"from\":{from},\"to\":{to}")
+            }
+            SimEventKind::WrongBaud {
+                dir,
+                chip_baud,
+                host_baud,
+                bytes,
+            } => {
+                let dir = match dir {
+                    Direction::Rx => "rx",
+                    Direction::Tx => "tx",
+                };
+                write!(
+                    s,
+                    "\"event\":\"wrong_baud\",\"dir\":\"{dir}\",\"chip_baud\":{chip_baud},\
+                     \"host_baud\":{host_baud},\"bytes\":{bytes}"
+                )
+            }
+        };
+        s.push('}');
+        s
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Flash size in bytes (rounded up to whole 4 KiB sectors).
+    pub flash_size: usize,
+    /// Make bytes take their wire time at the current rate in both directions.
+    pub pace: bool,
+    /// What the chip does at power-on, as if IO0 had been strapped so.
+    pub power_on: BootMode,
+    /// Append every event as a JSON line to this file.
+    pub event_log: Option<PathBuf>,
+    /// Create this symlink to the pty slave (removed again on drop).
+    pub link: Option<PathBuf>,
+    /// Load the flash from this file at start and save it back on change.
+    pub flash_file: Option<PathBuf>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            flash_size: 4 << 20,
+            pace: false,
+            power_on: BootMode::App,
+            event_log: None,
+            link: None,
+            flash_file: None,
+        }
+    }
+}
+
+/// Caps the in-memory event list; a board left at the wrong rate for days
+/// must not eat the host's memory. The event log file still gets everything.
+const MAX_EVENTS: usize = 100_000;
+
+struct PinChange {
+    at: Instant,
+    en: Level,
+    io0: Level,
+}
+
+struct State {
+    en: Level,
+    io0: Level,
+    pin_changes: Vec<PinChange>,
+    events: Vec<SimEvent>,
+    log: Option<File>,
+    mode: ChipMode,
+    baud: u32,
+    stop: bool,
+}
+
+/// What the handle, the pins and the chip thread share.
+struct Shared {
+    start: Instant,
+    state: Mutex<State>,
+    wake: OwnedFd,
+    flash: Mutex<Flash>,
+    wrong_baud_rx: AtomicU64,
+    wrong_baud_tx: AtomicU64,
+    wrong_baud_frames: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the simulator down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_flash(&self) -> MutexGuard<'_, Flash> {
+        self.flash.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn t_us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_micros() as u64
+    }
+
+    fn record_locked(&self, st: &mut State, at: Instant, kind: SimEventKind) {
+        let ev = SimEvent {
+            t_us: self.t_us(at),
+            kind,
+        };
+        if let Some(log) = st.log.as_mut() {
+            let line = ev.to_json() + "\n";
+            if log.write_all(line.as_bytes()).is_err() {
+                // A full disk should not stop the chip; stop logging instead.
+                st.log = None;
+            }
+        }
+        if st.events.len() < MAX_EVENTS {
+            st.events.push(ev);
+        }
+    }
+
+    fn record(&self, at: Instant, kind: SimEventKind) {
+        let mut st = self.lock();
+        self.record_locked(&mut st, at, kind);
+    }
+
+    fn wake(&self) {
+        // An eventfd write only fails when the counter would overflow, and
+        // then the chip thread is due to wake anyway.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// The EN and IO0 lines of the virtual board. Cheap to clone; any thread
+/// (a GPIO backend, a test) can drive them.
+#[derive(Clone)]
+pub struct StrapPins {
+    shared: Arc<Shared>,
+}
+
+impl StrapPins {
+    /// Drives both lines at once. Edges are timestamped now; the chip reacts
+    /// to them as of this instant (an EN rising edge samples this IO0).
+    pub fn set(&self, en: Level, io0: Level) {
+        let at = Instant::now();
+        {
+            let mut st = self.shared.lock();
+            if st.en != en {
+                st.en = en;
+                self.shared.record_locked(&mut st, at, SimEventKind::En(en));
+            }
+            if st.io0 != io0 {
+                st.io0 = io0;
+                self.shared
+                    .record_locked(&mut st, at, SimEventKind::Io0(io0));
+            }
+            st.pin_changes.push(PinChange { at, en, io0 });
+        }
+        self.shared.wake();
+    }
+
+    /// The levels last set: (EN, IO0).
+    pub fn levels(&self) -> (Level, Level) {
+        let st = self.shared.lock();
+        (st.en, st.io0)
+    }
+}
+
+/// A running virtual ESP32. Dropping it stops the chip and removes the link.
+pub struct Esp32Sim {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    slave_path: PathBuf,
+    link: Option<PathBuf>,
+}
+
+impl Esp32Sim {
+    pub fn start(cfg: SimConfig) -> io::Result<Esp32Sim> {
+        let start = Instant::now();
+        let pty = pty::Pty::open(chip::BOOT_BAUD)?;
+        let slave_path = pty.slave_path().to_path_buf();
+        let flash = match &cfg.flash_file {
+            Some(path) => Flash::load_or_new(cfg.flash_size, path)?,
+            None => Flash::new(cfg.flash_size),
+        };
+        let log = match &cfg.event_log {
+            Some(path) => Some(File::options().create(true).append(true).open(path)?),
+            None => None,
+        };
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        if let Some(link) = &cfg.link {
+            // Replace a stale link from an earlier run, never a real file.
+            if std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink()) {
+                std::fs::remove_file(link)?;
+            }
+            std::os::unix::fs::symlink(&slave_path, link)?;
+        }
+        let shared = Arc::new(Shared {
+            start,
+            state: Mutex::new(State {
+                en: Level::High,
+                io0: Level::High,
+                pin_changes: Vec::new(),
+                events: Vec::new(),
+                log,
+                mode: ChipMode::Reset,
+                baud: chip::BOOT_BAUD,
+                stop: false,
+            }),
+            wake,
+            flash: Mutex::new(flash),
+            wrong_baud_rx: AtomicU64::new(0),
+            wrong_baud_tx: AtomicU64::new(0),
+            wrong_baud_frames: AtomicU64::new(0),
+        });
+        let chip = chip::Chip::new(Arc::clone(&shared), pty, &cfg, start);
+        let thread = std::thread::Builder::new()
+            .name("esp32-sim".into())
+            .spawn(move || chip.run());
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(link) = &cfg.link {
+                    let _ = std::fs::remove_file(link);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Esp32Sim {
+            shared,
+            thread: Some(thread),
+            slave_path,
+            link: cfg.link,
+        })
+    }
+
+    /// The port to open: the link if one was asked for, else `/dev/pts/N`.
+    pub fn device_path(&self) -> &Path {
+        self.link.as_deref().unwrap_or(&self.slave_path)
+    }
+
+    /// The pty slave itself, whatever the link.
+    pub fn slave_path(&self) -> &Path {
+        &self.slave_path
+    }
+
+    pub fn pins(&self) -> StrapPins {
+        StrapPins {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.shared.lock().events.clone()
+    }
+
+    /// Bytes from the host that reached the chip at the wrong rate (each one
+    /// spoiling the frame or line it belonged to).
+    pub fn wrong_baud_bytes(&self) -> u64 {
+        self.shared.wrong_baud_rx.load(Ordering::Relaxed)
+    }
+
+    /// Loader frames lost because some of their bytes came at the wrong rate.
+    pub fn wrong_baud_frames(&self) -> u64 {
+        self.shared.wrong_baud_frames.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the chip sent while the host listened at another rate.
+    pub fn wrong_baud_tx_bytes(&self) -> u64 {
+        self.shared.wrong_baud_tx.load(Ordering::Relaxed)
+    }
+
+    /// A copy of the whole flash content.
+    pub fn flash(&self) -> Vec<u8> {
+        self.shared.lock_flash().contents().to_vec()
+    }
+
+    pub fn mode(&self) -> ChipMode {
+        self.shared.lock().mode
+    }
+
+    /// The chip's current UART rate.
+    pub fn baud(&self) -> u32 {
+        self.shared.lock().baud
+    }
+}
+
+impl Drop for Esp32Sim {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(link) = &self.link
+            && std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            let _ = std::fs::remove_file(link);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::termios::{OptionalActions, tcgetattr, tcsetattr};
+    use std::time::Duration;
+
+    /// Opens the slave as a host program would: raw, at `baud`, non-blocking.
+    fn open_host(path: &Path, baud: u32) -> File {
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        let mut t = tcgetattr(&f).unwrap();
+        t.make_raw();
+        t.set_speed(baud).unwrap();
+        tcsetattr(&f, OptionalActions::Now, &t).unwrap();
+        let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+        rustix::fs::fcntl_setfl(&f, flags | rustix::fs::OFlags::NONBLOCK).unwrap();
+        f
+    }
+
+    /// Reads until `want` shows up (or `limit` passes); returns all that came.
+    fn read_until(f: &File, want: &[u8], limit: Duration) -> Vec<u8> {
+        let t = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while t.elapsed() < limit {
+            if !want.is_empty() && got.windows(want.len()).any(|w| w == want) {
+                break;
+            }
+            match rustix::io::read(f, &mut buf[..]) {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        got
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn command(op: u8, data: &[u8], chk: u32) -> Vec<u8> {
+        let mut p = vec![0, op];
+        p.extend_from_slice(&(data.len() as u16).to_le_bytes());
+        p.extend_from_slice(&chk.to_le_bytes());
+        p.extend_from_slice(data);
+        slip::encode(&p)
+    }
+
+    fn sync() -> Vec<u8> {
+        let mut d = vec![0x07, 0x07, 0x12, 0x20];
+        d.extend_from_slice(&[0x55; 32]);
+        command(loader::op::SYNC, &d, 0)
+    }
+
+    fn words(w: &[u32]) -> Vec<u8> {
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn wait_mode(sim: &Esp32Sim, mode: ChipMode) {
+        let t = Instant::now();
+        while sim.mode() != mode && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(sim.mode(), mode);
+    }
+
+    fn event_time(sim: &Esp32Sim, kind: &SimEventKind) -> u64 {
+        sim.events()
+            .iter()
+            .rev()
+            .find(|e| &e.kind == kind)
+            .map(|e| e.t_us)
+            .unwrap_or_else(|| panic!("no {kind:?} in {:?}", sim.events()))
+    }
+
+    #[test]
+    fn app_boots_logs_every_second_and_echoes_lines() {
+        let sim = Esp32Sim::start(SimConfig::default()).unwrap();
+        let mut host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::App);
+        let out = read_until(&host, b"uptime 1 s\r\n", Duration::from_secs(3));
+        assert!(
+            contains(&out, b"boot:0x13 (SPI_FAST_FLASH_BOOT)"),
+            "{out:?}"
+        );
+        assert!(contains(
+            &out,
+            b"I (1260) app: hello from the virtual ESP32, uptime 1 s\r\n"
+        ));
+        host.write_all(b"ping 42\r\n").unwrap();
+        let out = read_until(&host, b"got: ping 42\r\n", Duration::from_secs(2));
+        assert!(contains(&out, b"app: got: ping 42\r\n"), "{out:?}");
+        assert_eq!(sim.wrong_baud_bytes(), 0);
+    }
+
+    #[test]
+    fn classic_reset_into_download_mode_with_timing() {
+        let sim = Esp32Sim::start(SimConfig::default()).unwrap();
+        let host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::App);
+        let pins = sim.pins();
+        pins.set(Level::Low, Level::High);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(sim.mode(), ChipMode::Reset);
+        read_until(&host, b"", Duration::from_millis(20));
+        pins.set(Level::High, Level::Low);
+        std::thread::sleep(Duration::from_millis(50));
+        pins.set(Level::High, Level::High);
+        wait_mode(&sim, ChipMode::Download);
+        let out = read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        assert!(
+            contains(
+                &out,
+                b"rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\nwaiting for download\r\n"
+            ),
+            "{out:?}"
+        );
+        let en_low = event_time(&sim, &SimEventKind::En(Level::Low));
+        let en_high = event_time(&sim, &SimEventKind::En(Level::High));
+        let io0_low = event_time(&sim, &SimEventKind::Io0(Level::Low));
+        let io0_high = event_time(&sim, &SimEventKind::Io0(Level::High));
+        let download = event_time(&sim, &SimEventKind::Mode(ChipMode::Download));
+        assert!(en_high - en_low >= 100_000);
+        assert_eq!(io0_low, en_high, "both lines change in one set()");
+        assert!(io0_high - en_high >= 50_000);
+        assert!(
+            download >= en_high + 3_000,
+            "the ROM takes its start-up time"
+        );
+        assert!(download < en_high + 200_000);
+        // A SYNC is answered now.
+        let mut host = host;
+        host.write_all(&sync()).unwrap();
+        let out = read_until(
+            &host,
+            &[0x20, 0x55, 0, 0, 0, 0, 0xC0],
+            Duration::from_secs(1),
+        );
+        assert!(contains(&out, &[0xC0, 1, 8, 4, 0]), "{out:?}");
+    }
+
+    #[test]
+    fn en_low_holds_the_chip_silent_and_deaf() {
+        let sim = Esp32Sim::start(SimConfig {
+            power_on: BootMode::Download,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mut host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::Download);
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        sim.pins().set(Level::Low, Level::Low);
+        std::thread::sleep(Duration::from_millis(20));
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(200));
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(sim.mode(), ChipMode::Reset);
+    }
+
+    #[test]
+    fn baud_change_is_followed_and_every_reset_restores_115200() {
+        let sim = Esp32Sim::start(SimConfig {
+            power_on: BootMode::Download,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mut host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::Download);
+        host.write_all(&command(
+            loader::op::CHANGE_BAUDRATE,
+            &words(&[921_600, 0]),
+            0,
+        ))
+        .unwrap();
+        // The reply comes at the old rate.
+        let out = read_until(&host, &[0xC0, 1, 0x0F], Duration::from_secs(1));
+        assert!(contains(
+            &out,
+            &[0xC0, 1, 0x0F, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC0]
+        ));
+        assert_eq!(sim.baud(), 921_600);
+        // Still at 115200, the host is now the one at the wrong rate.
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(150));
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        assert!(sim.wrong_baud_bytes() > 0);
+        let host = open_host(sim.device_path(), 921_600);
+        let mut host = host;
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &[0x55, 0, 0, 0, 0, 0xC0], Duration::from_secs(1));
+        assert!(contains(&out, &[0xC0, 1, 8, 4, 0]), "{out:?}");
+        // An EN pulse resets the UART to 115200.
+        sim.pins().set(Level::Low, Level::High);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(sim.baud(), 115_200);
+        let events = sim.events();
+        assert!(events.iter().any(|e| e.kind
+            == SimEventKind::Baud {
+                from: 115_200,
+                to: 921_600
+            }));
+        assert!(events.iter().any(|e| e.kind
+            == SimEventKind::Baud {
+                from: 921_600,
+                to: 115_200
+            }));
+    }
+
+    #[test]
+    fn output_at_the_wrong_rate_arrives_as_garbage() {
+        let sim = Esp32Sim::start(SimConfig::default()).unwrap();
+        let host = open_host(sim.device_path(), 9_600);
+        let out = read_until(&host, b"", Duration::from_millis(400));
+        assert!(!contains(&out, b"ets Jun"), "{out:?}");
+        assert!(sim.wrong_baud_tx_bytes() > 0);
+        assert!(sim.events().iter().any(|e| matches!(
+            e.kind,
+            SimEventKind::WrongBaud {
+                dir: Direction::Tx,
+                chip_baud: 115_200,
+                host_baud: 9_600,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn pacing_makes_bytes_take_their_wire_time() {
+        let sim = Esp32Sim::start(SimConfig {
+            power_on: BootMode::Download,
+            pace: true,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mut host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::Download);
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        let frame = sync();
+        let t = Instant::now();
+        host.write_all(&frame).unwrap();
+        // Eight replies of 14 bytes each.
+        let mut got = Vec::new();
+        while got
+            .windows(6)
+            .filter(|w| *w == [0x55, 0, 0, 0, 0, 0xC0])
+            .count()
+            < 8
+            && t.elapsed() < Duration::from_secs(1)
+        {
+            got.extend(read_until(&host, b"", Duration::from_millis(1)));
+        }
+        let took = t.elapsed();
+        let wire = uart::wire_time(frame.len() + 8 * 14, 115_200);
+        assert!(took >= wire, "{took:?} < {wire:?}");
+        assert!(took < wire + Duration::from_millis(100), "{took:?}");
+    }
+
+    #[test]
+    fn event_log_link_and_flash_file() {
+        let dir = std::env::temp_dir().join(format!("esp-sim-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("events.jsonl");
+        let link = dir.join("ttyESP");
+        let flash_file = dir.join("flash.bin");
+        let _ = std::fs::remove_file(&log);
+        let mut seed = vec![0xFFu8; 0x2000];
+        seed[0x1000..0x1004].copy_from_slice(b"seed");
+        std::fs::write(&flash_file, &seed).unwrap();
+        {
+            let sim = Esp32Sim::start(SimConfig {
+                power_on: BootMode::Download,
+                flash_size: 0x10000,
+                event_log: Some(log.clone()),
+                link: Some(link.clone()),
+                flash_file: Some(flash_file.clone()),
+                ..SimConfig::default()
+            })
+            .unwrap();
+            assert_eq!(sim.device_path(), link);
+            assert_eq!(std::fs::read_link(&link).unwrap(), sim.slave_path());
+            assert_eq!(&sim.flash()[0x1000..0x1004], b"seed");
+            assert_eq!(sim.flash().len(), 0x10000);
+            let mut host = open_host(&link, 115_200);
+            wait_mode(&sim, ChipMode::Download);
+            // Write one ROM block at 0x2000.
+            host.write_all(&command(
+                loader::op::FLASH_BEGIN,
+                &words(&[0x400, 1, 0x400, 0x2000]),
+                0,
+            ))
+            .unwrap();
+            read_until(&host, &[0xC0, 1, 2], Duration::from_secs(1));
+            let block = [0x42u8; 0x400];
+            let mut d = words(&[0x400, 0, 0, 0]);
+            d.extend_from_slice(&block);
+            let chk = u32::from(loader::checksum(&block));
+            host.write_all(&command(loader::op::FLASH_DATA, &d, chk))
+                .unwrap();
+            let out = read_until(&host, &[0xC0, 1, 3, 4, 0], Duration::from_secs(1));
+            assert!(contains(
+                &out,
+                &[0xC0, 1, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC0]
+            ));
+            sim.pins().set(Level::Low, Level::High);
+            sim.pins().set(Level::High, Level::High);
+        }
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "link removed on drop"
+        );
+        let saved = std::fs::read(&flash_file).unwrap();
+        assert_eq!(saved.len(), 0x10000);
+        assert_eq!(&saved[0x1000..0x1004], b"seed");
+        assert!(saved[0x2000..0x2400].iter().all(|&b| b == 0x42));
+        let log = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.starts_with("{\"t_us\":") && l.ends_with('}'))
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("\"event\":\"en\",\"level\":\"low\"}"))
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("\"event\":\"mode\",\"mode\":\"download\"}"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
