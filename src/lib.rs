@@ -2,10 +2,19 @@
 //!
 //! The crate is a stack of layers, each testable on its own:
 //! - [`protocol`]: the telnet / RFC 2217 codec (bytes in, events out; no I/O),
+//! - [`session`]: one client, owning the ordering of data and port commands,
 //! - [`serial`] and [`control`]: the device backends (the UART, the EN/IO0 lines),
-//! - [`config`]: the edge where users configure it.
+//! - [`server`] and [`shutdown`]: accepting clients, one at a time, and stopping cleanly,
+//! - [`config`] and [`cli`]: the edge where users configure and start it,
+//! - [`sim`] and [`demo`]: a virtual ESP32 on a pseudo-terminal, for the demo and the tests.
 
+pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod protocol;
 pub mod serial;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod sim;

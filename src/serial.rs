@@ -105,6 +105,9 @@ impl SerialDevice {
             .exclusive(true)
             .open_native()
             .map_err(to_io)?;
+        // Bytes that arrived while no client had the port open are stale: a real UART that
+        // nobody holds open drops them, and a client expects to see only what comes now.
+        port.clear(serialport::ClearBuffer::Input).map_err(to_io)?;
         let drainer = port.try_clone_native().map_err(to_io)?;
         let stream = SerialStream::try_from(port).map_err(to_io)?;
         Ok(SerialDevice {

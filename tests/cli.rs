@@ -1,0 +1,157 @@
+//! The command line as users meet it: help, version, check-config and its exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bridge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_esp-bridge"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_config(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("temp file");
+    path.display().to_string()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("esp-bridge-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[test]
+fn help_and_version() {
+    let help = bridge(&["--help"]);
+    assert!(help.status.success());
+    let t = text(&help);
+    for word in [
+        "--device",
+        "--listen",
+        "--baud",
+        "--control",
+        "check-config",
+        "demo",
+    ] {
+        assert!(t.contains(word), "help mentions {word}: {t}");
+    }
+    let version = bridge(&["--version"]);
+    assert!(version.status.success());
+    assert!(text(&version).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let o = bridge(&["--baud", "fast"]);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("--baud"));
+}
+
+#[test]
+fn shipped_config_checks_ok() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/esp-bridge.toml");
+    let o = bridge(&["check-config", "--config", shipped]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("/dev/serial0 at 115200 baud"));
+}
+
+#[test]
+fn bad_configs_exit_78_naming_file_line_and_key() {
+    let dir = temp_dir("bad");
+    let cases = [
+        (
+            "syntax.toml",
+            "[serial]\ndevice = /dev/ttyUSB0\n",
+            "line 2",
+            "device",
+        ),
+        (
+            "unknown.toml",
+            "[serial]\nspeed = 9600\n",
+            "line 2",
+            "speed",
+        ),
+        ("type.toml", "[serial]\nbaud = \"fast\"\n", "line 2", "baud"),
+        (
+            "range.toml",
+            "\n[serial]\nbaud = 0\n",
+            "line 3",
+            "50 to 20000000",
+        ),
+        (
+            "line.toml",
+            "[control.gpio]\nreset = \"\"\n",
+            "line 2",
+            "gpioinfo",
+        ),
+    ];
+    for (name, body, line, key) in cases {
+        let path = write_config(&dir, name, body);
+        for cmd in [
+            &["check-config", "--config", &path][..],
+            &["--config", &path][..],
+        ] {
+            let o = bridge(cmd);
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(78), "{name} {cmd:?}: {t}");
+            assert!(t.contains(&path), "{name} names the file: {t}");
+            assert!(t.contains(line), "{name} names the line: {t}");
+            assert!(t.contains(key), "{name} names the key: {t}");
+        }
+    }
+    let o = bridge(&["check-config", "--config", "/nonexistent/esp-bridge.toml"]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(text(&o).contains("cannot read config file /nonexistent/esp-bridge.toml"));
+}
+
+#[test]
+fn flags_override_the_file() {
+    let dir = temp_dir("override");
+    let path = write_config(
+        &dir,
+        "c.toml",
+        "[serial]\ndevice = \"/dev/ttyAMA0\"\nbaud = 9600\n",
+    );
+    let o = bridge(&[
+        "check-config",
+        "--config",
+        &path,
+        "--device",
+        "/dev/ttyUSB3",
+        "--baud",
+        "460800",
+        "--listen",
+        "127.0.0.1:3333",
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("/dev/ttyUSB3 at 460800 baud"), "{t}");
+    assert!(t.contains("127.0.0.1:3333"), "{t}");
+}
+
+#[test]
+fn listening_on_a_busy_port_fails_with_a_hint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let o = bridge(&[
+        "--device",
+        "/dev/null",
+        "--listen",
+        &addr,
+        "--control",
+        "none",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains(&format!("cannot listen on {addr}")), "{t}");
+}

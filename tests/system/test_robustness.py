@@ -1,0 +1,213 @@
+"""Bad input, busy ports, missing and vanishing devices: each gets a clear log line, and the
+next client is served."""
+
+import os
+import socket
+import struct
+import time
+
+import serial
+
+from conftest import Pty
+
+IAC, SB, SE, DO, WILL = 255, 250, 240, 253, 251
+COM_PORT = 44
+
+
+def sb(cmd, value=b""):
+    return bytes([IAC, SB, COM_PORT, cmd]) + value.replace(b"\xff", b"\xff\xff") + bytes([IAC, SE])
+
+
+def server_replies(data):
+    """Decodes the server's COM-PORT replies: list of (code, value)."""
+    out = []
+    i = 0
+    while i < len(data):
+        if data[i] == IAC and i + 1 < len(data) and data[i + 1] == SB:
+            j = i + 3
+            value = bytearray()
+            code = data[j]
+            j += 1
+            while j + 1 < len(data) and not (data[j] == IAC and data[j + 1] == SE):
+                if data[j] == IAC and data[j + 1] == IAC:
+                    value.append(IAC)
+                    j += 2
+                else:
+                    value.append(data[j])
+                    j += 1
+            out.append((code, bytes(value)))
+            i = j + 2
+        else:
+            i += 1
+    return out
+
+
+def recv_until(sock, predicate, timeout=5.0):
+    sock.settimeout(0.2)
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf.extend(chunk)
+            if predicate(bytes(buf)):
+                break
+        except socket.timeout:
+            pass
+    return bytes(buf)
+
+
+def raw_client(bridge):
+    s = socket.create_connection(("127.0.0.1", bridge.port))
+    s.sendall(bytes([IAC, WILL, COM_PORT, IAC, DO, COM_PORT]))
+    return s
+
+
+def pyserial_roundtrip(bridge, device):
+    ser = serial.serial_for_url(bridge.url, timeout=2, baudrate=115200)
+    try:
+        ser.write(b"ping")
+        assert device.read(4) == b"ping"
+        device.write(b"pong")
+        assert ser.read(4) == b"pong"
+    finally:
+        ser.close()
+
+
+def test_malformed_telnet_is_logged_and_survived(bridge_on, device):
+    bridge = bridge_on()
+    s = raw_client(bridge)
+    junk = (
+        sb(1, b"\x00\x01")  # SET-BAUDRATE with 2 bytes instead of 4
+        + sb(99)  # unknown command
+        + bytes([IAC, SB, 24, 1, IAC, SE])  # subnegotiation of an option never agreed
+        + bytes([IAC, 0x20])  # unknown telnet command
+        + bytes([IAC, SB, COM_PORT, 2, 8, IAC, 0x99])  # subnegotiation cut short by junk
+        + os.urandom(2000).replace(b"\xff", b"")  # plain garbage data goes to the device
+        + sb(1, struct.pack(">I", 0))  # a valid query after all that
+    )
+    s.sendall(junk)
+    data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
+    assert (101, struct.pack(">I", 115200)) in server_replies(data)
+    s.close()
+    bridge.log.wait_for("ignored input from the client")
+    bridge.log.wait_for("needs a 4-byte value")
+    bridge.log.wait_for("unknown COM-PORT-OPTION command 99")
+    device.drain()
+    pyserial_roundtrip(bridge, device)
+
+
+def test_one_megabyte_subnegotiation_is_bounded(bridge_on, device):
+    bridge = bridge_on()
+    s = raw_client(bridge)
+    s.sendall(bytes([IAC, SB, COM_PORT, 0]) + b"a" * 1_000_000 + bytes([IAC, SE]))
+    s.sendall(sb(2, b"\x00"))
+    data = recv_until(s, lambda d: any(c == 102 for c, _ in server_replies(d)))
+    assert (102, b"\x08") in server_replies(data)
+    s.close()
+    bridge.log.wait_for("subnegotiation for option 44 of 1000001 bytes")
+    pyserial_roundtrip(bridge, device)
+
+
+def test_extreme_baud_rates(bridge_on, device):
+    bridge = bridge_on()
+    s = raw_client(bridge)
+    s.sendall(sb(1, struct.pack(">I", 0)))
+    data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
+    assert (101, struct.pack(">I", 115200)) in server_replies(data), "0 queries the rate"
+    s.sendall(sb(1, struct.pack(">I", 0xFFFFFFFF)))
+    data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
+    (value,) = [v for c, v in server_replies(data) if c == 101]
+    # Either the device took it, or it refused and the reply says what is still in force.
+    assert value in (struct.pack(">I", 0xFFFFFFFF), struct.pack(">I", 115200))
+    if value == struct.pack(">I", 115200):
+        bridge.log.wait_for("refused baud rate 4294967295")
+    s.close()
+    bridge.log.wait_for("client disconnected")
+    pyserial_roundtrip(bridge, device)
+
+
+def test_second_client_is_refused_with_a_reason(bridge_on, device):
+    bridge = bridge_on()
+    first = serial.serial_for_url(bridge.url, timeout=2)
+    try:
+        s = socket.create_connection(("127.0.0.1", bridge.port))
+        data = recv_until(s, lambda d: b"in use" in d and d.endswith(b"\n"))
+        assert b"in use by another client" in data
+        assert recv_until(s, lambda d: False, timeout=2) == b"", "refused connection is closed"
+        s.close()
+        bridge.log.wait_for("refused client")
+        # The first client is unaffected.
+        first.write(b"still here")
+        assert device.read(10) == b"still here"
+    finally:
+        first.close()
+
+
+def test_second_client_replaces_when_configured(bridge_on, device, tmp_path):
+    cfg = tmp_path / "replace.toml"
+    cfg.write_text('[network]\nsecond_client = "replace"\n')
+    bridge = bridge_on("--config", str(cfg))
+    first = socket.create_connection(("127.0.0.1", bridge.port))
+    recv_until(first, lambda d: len(d) > 0)
+    pyserial_roundtrip(bridge, device)
+    data = recv_until(first, lambda d: b"took over" in d)
+    assert b"another client took over" in data
+    first.close()
+    bridge.log.wait_for("replaced by a new client")
+
+
+def test_missing_device_then_device_appears(bridge_on, tmp_path):
+    link = tmp_path / "ttyESP"
+    bridge = bridge_on(device_path=link)
+    s = socket.create_connection(("127.0.0.1", bridge.port))
+    data = recv_until(s, lambda d: d.endswith(b"\n"))
+    assert b"does not exist" in data
+    s.close()
+    bridge.log.wait_for("does not exist: check [serial] device")
+    p = Pty()
+    try:
+        os.symlink(p.path, link)
+        pyserial_roundtrip(bridge, p)
+    finally:
+        p.close()
+
+
+def test_device_vanishes_mid_session_and_comes_back(bridge_on, tmp_path):
+    link = tmp_path / "ttyUSB"
+    first = Pty()
+    os.symlink(first.path, link)
+    bridge = bridge_on(device_path=link)
+    s = raw_client(bridge)
+    s.sendall(b"hello")
+    assert first.read(5) == b"hello"
+    first.close()  # like a USB adapter being unplugged
+    got = recv_until(s, lambda d: False, timeout=5)
+    s.close()
+    assert b"failed or disappeared" in got
+    bridge.log.wait_for("serial device failed or vanished")
+    second = Pty()
+    try:
+        os.unlink(link)
+        os.symlink(second.path, link)
+        pyserial_roundtrip(bridge, second)
+    finally:
+        second.close()
+
+
+def test_sigterm_tells_the_client_and_exits_cleanly(bridge_on, device):
+    bridge = bridge_on()
+    # A raw client: pyserial raises on a closed connection before handing over what it
+    # received last, so it cannot show the notice reliably.
+    s = raw_client(bridge)
+    s.sendall(b"last words")
+    assert device.read(10) == b"last words"
+    s.sendall(b" and more")
+    assert bridge.stop() == 0
+    assert device.read(9) == b" and more", "input sent before SIGTERM still reaches the device"
+    got = recv_until(s, lambda d: False, timeout=3)
+    s.close()
+    assert b"service is shutting down" in got
+    assert "SIGTERM received" in bridge.log.text()
