@@ -3,8 +3,11 @@
 //! `main` only calls [`run`] and exits with the code it returns, so every path to an exit
 //! code is here and testable.
 
-use crate::config::{Config, ConfigError, ControlBackend, Overrides};
-use crate::control::{Control, NoControl};
+use crate::config::{Config, ConfigError, ControlBackend, ControlConfig, ControlMode, Overrides};
+use crate::control::{Control, DirectControl, LineDriver, NoControl};
+use crate::gpio::GpioLines;
+use crate::modem::{ModemLines, ModemPassthrough, TtyModem};
+use crate::reset::EspControl;
 use crate::session::SharedControl;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -169,13 +172,28 @@ fn check_config(config: &Config) -> u8 {
     exit::OK
 }
 
-/// Builds the control-line policy the configuration asks for.
+/// Builds the control-line policy the configuration asks for. Must run inside the runtime
+/// (the reset engine is a task).
 pub fn build_control(config: &Config) -> Result<Box<dyn Control>, String> {
-    match config.control.backend {
-        ControlBackend::None => Ok(Box::new(NoControl)),
-        other => Err(format!(
-            "[control] backend = \"{other}\" is not available in this version of esp-bridge: use \"none\" (resets then have to be done by hand)"
-        )),
+    let driver: Box<dyn LineDriver> = match config.control.backend {
+        ControlBackend::None => return Ok(Box::new(NoControl)),
+        ControlBackend::Gpio => Box::new(GpioLines::open(&config.control.gpio)?),
+        ControlBackend::Modem => {
+            let port = TtyModem::open(&config.serial.device)?;
+            if config.control.mode == ControlMode::Direct {
+                return Ok(Box::new(ModemPassthrough::new(port)));
+            }
+            Box::new(ModemLines::new(port))
+        }
+    };
+    Ok(control_over(driver, &config.control))
+}
+
+/// The policy of `[control] mode` over a line driver.
+pub fn control_over(driver: Box<dyn LineDriver>, c: &ControlConfig) -> Box<dyn Control> {
+    match c.mode {
+        ControlMode::Esp => Box::new(EspControl::start(driver, c.after_disconnect)),
+        ControlMode::Direct => Box::new(DirectControl::new(driver)),
     }
 }
 
@@ -192,18 +210,20 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, u8> {
 }
 
 fn serve(config: Config) -> u8 {
-    let control = match build_control(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("esp-bridge: {e}");
-            return exit::CONFIG;
-        }
-    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(serve_with(config, Arc::new(Mutex::new(control))))
+    rt.block_on(async {
+        let control = match build_control(&config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("esp-bridge: {e}");
+                return exit::CONFIG;
+            }
+        };
+        serve_with(config, Arc::new(Mutex::new(control))).await
+    })
 }
 
 /// Binds the configured addresses and serves until SIGTERM/SIGINT.
@@ -234,6 +254,28 @@ pub async fn serve_with(config: Config, control: SharedControl) -> u8 {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         tracing::info!("control lines: {}", c.describe());
     }
-    crate::server::serve(config, listeners, control, crate::shutdown::requested()).await;
+    crate::server::serve(
+        config,
+        listeners,
+        control.clone(),
+        crate::shutdown::requested(),
+    )
+    .await;
+    // The lines go to their safe state before the process (and its line request) ends.
+    let settled = {
+        let mut c = control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = c.release() {
+            tracing::error!("releasing the control lines failed: {e}");
+        }
+        c.settled()
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(3), settled)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the control lines did not reach their safe state in time");
+    }
     exit::OK
 }

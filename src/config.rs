@@ -91,6 +91,8 @@ pub enum SecondClient {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub backend: ControlBackend,
+    pub mode: ControlMode,
+    pub after_disconnect: crate::reset::AfterDisconnect,
     pub gpio: GpioConfig,
 }
 
@@ -98,6 +100,8 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             backend: ControlBackend::None,
+            mode: ControlMode::Esp,
+            after_disconnect: crate::reset::AfterDisconnect::Run,
             gpio: GpioConfig::default(),
         }
     }
@@ -124,25 +128,102 @@ impl fmt::Display for ControlBackend {
     }
 }
 
-/// `[control.gpio]`: the two lines of the seed wiring, found by name on any gpiochip.
+/// How DTR/RTS are interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlMode {
+    /// As the intent of a dev board's auto-program circuit, with reset and bootloader
+    /// sequences timed on the Pi (see `reset.rs`).
+    Esp,
+    /// Literally: RTS asserted = EN low, DTR asserted = IO0 low, at the moment they arrive.
+    Direct,
+}
+
+/// `[control.gpio]`: the two lines of the seed wiring.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpioConfig {
-    /// The line wired to EN (reset), driven by the client's RTS.
-    pub reset: LineName,
-    /// The line wired to IO0 (boot mode), driven by the client's DTR.
-    pub boot: LineName,
-    /// Asserted = driven low, as with the transistors of a dev board.
+    /// The line wired to EN (reset).
+    pub reset: LineSpec,
+    /// The line wired to IO0 (boot mode).
+    pub boot: LineSpec,
+    /// The chip, needed only when lines are given by offset ("gpiochip0" or a path).
+    pub chip: Option<String>,
+    /// Asserted = driven low.
     pub active_low: bool,
+    pub drive: Drive,
+    pub bias: Bias,
 }
 
 impl Default for GpioConfig {
     fn default() -> Self {
         GpioConfig {
-            reset: LineName("GPIO22".into()),
-            boot: LineName("GPIO10".into()),
+            reset: LineSpec::Name("GPIO22".into()),
+            boot: LineSpec::Name("GPIO10".into()),
+            chip: None,
             active_low: true,
+            drive: Drive::PushPull,
+            bias: Bias::AsIs,
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Drive {
+    PushPull,
+    OpenDrain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bias {
+    AsIs,
+    Disabled,
+    PullUp,
+    PullDown,
+}
+
+/// A GPIO line: its name as `gpioinfo` shows it ("GPIO22"), or its offset on `chip`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineSpec {
+    Name(String),
+    Offset(u32),
+}
+
+impl fmt::Display for LineSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LineSpec::Name(n) => write!(f, "{n}"),
+            LineSpec::Offset(o) => write!(f, "offset {o}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LineSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = LineSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a line name as gpioinfo shows it (e.g. \"GPIO22\") or a line offset (e.g. 22, with chip = \"gpiochip0\")")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LineSpec, E> {
+                if v.trim().is_empty() || v.len() > 31 {
+                    Err(E::custom(format!(
+                        "line name {v:?} is not valid: give the name gpioinfo shows, e.g. \"GPIO22\""
+                    )))
+                } else {
+                    Ok(LineSpec::Name(v.to_string()))
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LineSpec, E> {
+                u32::try_from(v).map(LineSpec::Offset).map_err(|_| {
+                    E::custom(format!("line offset {v} is not valid: offsets start at 0"))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -212,24 +293,6 @@ pub enum FlowControl {
     None,
     Software,
     Hardware,
-}
-
-/// A GPIO line name as the kernel reports it (`gpioinfo`), e.g. "GPIO22".
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct LineName(pub String);
-
-impl TryFrom<String> for LineName {
-    type Error = String;
-    fn try_from(v: String) -> Result<Self, String> {
-        if v.trim().is_empty() || v.len() > 31 {
-            Err(format!(
-                "line name {v:?} is not valid: give the name gpioinfo shows, e.g. \"GPIO22\""
-            ))
-        } else {
-            Ok(LineName(v))
-        }
-    }
 }
 
 /// A configuration that could not be used, with what to do about it.
@@ -375,7 +438,7 @@ mod tests {
         let c = Config::parse("", Path::new("x")).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.serial.device, PathBuf::from("/dev/serial0"));
-        assert_eq!(c.control.gpio.reset.0, "GPIO22");
+        assert_eq!(c.control.gpio.reset, LineSpec::Name("GPIO22".into()));
     }
 
     #[test]
@@ -417,6 +480,16 @@ mod tests {
         assert!(e.contains("refuse") && e.contains("replace"), "{e}");
         let e = err("[control]\nbackend = \"relay\"\n");
         assert!(e.contains("gpio") && e.contains("modem"), "{e}");
+        let e = err("[control.gpio]\nreset = -1\n");
+        assert!(e.contains("offset") && e.contains("line 2"), "{e}");
+        let e = err("[control.gpio]\nreset = true\n");
+        assert!(e.contains("GPIO22"), "{e}");
+        let c = Config::parse(
+            "[control.gpio]\nreset = 5\nchip = \"gpiochip0\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.control.gpio.reset, LineSpec::Offset(5));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!   pins do. [`DirectControl`] maps them literally (the seed's wiring); the ESP-aware reset
 //!   engine is another implementation of the same trait.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 
 /// The two ESP strapping inputs as the bridge wants them driven. `true` = asserted: the pin
 /// is pulled low (EN low holds the chip in reset; IO0 low selects download mode at reset).
@@ -33,6 +35,15 @@ pub trait LineDriver: Send {
     fn describe(&self) -> String;
 }
 
+impl LineDriver for Box<dyn LineDriver> {
+    fn drive(&mut self, straps: Straps) -> io::Result<()> {
+        (**self).drive(straps)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// The client's view of its modem-control outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ModemOutputs {
@@ -45,8 +56,13 @@ pub trait Control: Send {
     /// The client changed DTR or RTS (called for every SET-CONTROL, in stream order, with
     /// both values as they now stand). Must not block: it is called from the session.
     fn client_outputs(&mut self, outputs: ModemOutputs) -> io::Result<()>;
-    /// The client is gone (or the service stops): put the pins in their safe state.
+    /// The client is gone (or the service stops): put the pins in their safe state. The way
+    /// there may take a timed sequence; [`Control::settled`] tells when it is done.
     fn release(&mut self) -> io::Result<()>;
+    /// Completes when every line change asked for so far has been carried out.
+    fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(std::future::ready(()))
+    }
     /// For logs.
     fn describe(&self) -> String;
 }

@@ -2,16 +2,22 @@
 //! esptool, idf.py monitor and pyserial can be tried on any Linux machine.
 //!
 //! The demo is the production server with two seams replaced: the serial device is the
-//! virtual chip's pseudo-terminal, and the control lines drive the virtual chip's EN and IO0
-//! pins as the seed wiring drives a real board.
+//! virtual chip's pseudo-terminal, and the lowest layer of the control lines drives the
+//! virtual chip's pins: either wired straight, as the seed wires Pi GPIOs to EN and IO0, or
+//! through a model of a dev board's auto-program circuit (with its EN capacitor), as the modem
+//! backend sees one. Everything above that seam (the reset engine, the line translation) is
+//! the production code.
 
 use crate::cli::exit;
-use crate::config::{Config, Overrides};
-use crate::control::{DirectControl, LineDriver, Straps};
+use crate::config::{Config, ControlBackend, ControlMode, Overrides};
+use crate::control::{LineDriver, Straps};
+use crate::modem::{ModemLines, ModemPort};
 use crate::sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -24,6 +30,25 @@ pub struct DemoArgs {
     /// Make the virtual UART as slow as a real one (10 bits per byte at the current baud)
     #[arg(long)]
     pace: bool,
+    /// How the virtual board is wired: GPIO lines straight to EN/IO0, or a dev board's
+    /// auto-program circuit on the UART's DTR/RTS
+    #[arg(long, value_enum, default_value = "gpio")]
+    wiring: Wiring,
+    /// How DTR/RTS are interpreted (see [control] mode in the config)
+    #[arg(long, value_enum, default_value = "esp")]
+    mode: DemoMode,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Wiring {
+    Gpio,
+    Modem,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DemoMode {
+    Esp,
+    Direct,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,17 +78,60 @@ enum SimBoot {
     Download,
 }
 
-/// Drives the virtual chip's pins: asserted = low, as the seed wiring does.
+fn level(asserted: bool) -> Level {
+    if asserted { Level::Low } else { Level::High }
+}
+
+/// GPIO lines wired straight to the virtual chip's pins: asserted = low, as the seed wiring.
 struct SimLines(StrapPins);
 
 impl LineDriver for SimLines {
     fn drive(&mut self, s: Straps) -> std::io::Result<()> {
-        let level = |asserted: bool| if asserted { Level::Low } else { Level::High };
         self.0.set(level(s.reset), level(s.boot));
         Ok(())
     }
     fn describe(&self) -> String {
-        "the virtual ESP32's EN and IO0 pins".into()
+        "the virtual ESP32's EN and IO0 pins (wired like GPIO lines)".into()
+    }
+}
+
+/// How long the EN capacitor of a dev board delays EN's rise after the transistor lets go
+/// (10 kOhm and 1 uF reach the chip's threshold after about 5-10 ms).
+const EN_RC_DELAY: Duration = Duration::from_millis(5);
+
+/// A dev board's two-transistor auto-program circuit in front of the virtual chip, as a
+/// UART's DTR/RTS see it: EN low only for RTS without DTR, IO0 low only for DTR without RTS,
+/// and EN rising late because of its capacitor while IO0 follows at once.
+struct SimAutoProgram {
+    pins: StrapPins,
+    generation: Arc<AtomicU64>,
+}
+
+impl ModemPort for SimAutoProgram {
+    fn set_dtr_rts(&mut self, dtr: bool, rts: bool) -> std::io::Result<()> {
+        let en_low = rts && !dtr;
+        let io0_low = dtr && !rts;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let (en_now, _) = self.pins.levels();
+        if !en_low && en_now == Level::Low {
+            // IO0 changes now; EN follows when the capacitor has charged, unless the pins
+            // changed again in between.
+            self.pins.set(Level::Low, level(io0_low));
+            let pins = self.pins.clone();
+            let current = Arc::clone(&self.generation);
+            std::thread::spawn(move || {
+                std::thread::sleep(EN_RC_DELAY);
+                if current.load(Ordering::SeqCst) == generation {
+                    pins.set(Level::High, level(io0_low));
+                }
+            });
+        } else {
+            self.pins.set(level(en_low), level(io0_low));
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "the virtual dev board".into()
     }
 }
 
@@ -114,16 +182,29 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
          Ctrl-C stops.",
         sim.device_path().display()
     );
-    let control: Box<dyn crate::control::Control> =
-        Box::new(DirectControl::new(SimLines(sim.pins())));
+    let driver: Box<dyn LineDriver> = match args.wiring {
+        Wiring::Gpio => Box::new(SimLines(sim.pins())),
+        Wiring::Modem => Box::new(ModemLines::new(SimAutoProgram {
+            pins: sim.pins(),
+            generation: Arc::new(AtomicU64::new(0)),
+        })),
+    };
+    config.control.backend = match args.wiring {
+        Wiring::Gpio => ControlBackend::Gpio,
+        Wiring::Modem => ControlBackend::Modem,
+    };
+    config.control.mode = match args.mode {
+        DemoMode::Esp => ControlMode::Esp,
+        DemoMode::Direct => ControlMode::Direct,
+    };
     let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let code = rt.block_on(crate::cli::serve_with(
-        config,
-        Arc::new(Mutex::new(control)),
-    ));
+    let code = rt.block_on(async {
+        let control = crate::cli::control_over(driver, &config.control);
+        crate::cli::serve_with(config, Arc::new(Mutex::new(control))).await
+    });
     drop(sim);
     code
 }
