@@ -8,6 +8,7 @@ use crate::control::{Control, DirectControl, LineDriver, NoControl};
 use crate::gpio::GpioLines;
 use crate::modem::{ModemLines, ModemPassthrough, TtyModem};
 use crate::reset::EspControl;
+use crate::server::Reload;
 use crate::session::SharedControl;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -88,7 +89,7 @@ pub fn run() -> u8 {
             };
         }
     };
-    init_logging(cli.options.verbose);
+    crate::systemd::init_logging(cli.options.verbose);
     let overrides = Overrides {
         device: cli.options.device.clone(),
         listen: cli.options.listen.clone(),
@@ -97,7 +98,18 @@ pub fn run() -> u8 {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => match load(&cli.options, &overrides) {
-            Ok(config) => serve(config),
+            Ok(config) => {
+                let path = cli.options.config.clone();
+                let reload: Reload =
+                    Box::new(move || match Config::load(path.as_deref(), &overrides) {
+                        Ok((config, _)) => Some(config),
+                        Err(e) => {
+                            tracing::error!("SIGHUP: keeping the running configuration: {e}");
+                            None
+                        }
+                    });
+                serve(config, reload)
+            }
             Err(code) => code,
         },
         Command::CheckConfig => match load(&cli.options, &overrides) {
@@ -107,19 +119,6 @@ pub fn run() -> u8 {
         Command::Demo(args) => crate::demo::run_demo(args, &overrides),
         Command::Sim(args) => crate::demo::run_sim(args),
     }
-}
-
-fn init_logging(verbose: bool) {
-    let level = if verbose {
-        tracing::Level::DEBUG
-    } else {
-        tracing::Level::INFO
-    };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }
 
 fn load(options: &Options, overrides: &Overrides) -> Result<Config, u8> {
@@ -172,6 +171,44 @@ fn check_config(config: &Config) -> u8 {
     exit::OK
 }
 
+async fn listeners(config: &Config) -> Result<Vec<tokio::net::TcpListener>, (u8, String)> {
+    let inherited = crate::systemd::inherited_listeners().map_err(|e| (exit::CONFIG, e))?;
+    let mut out = Vec::new();
+    if let Some(sockets) = inherited {
+        for s in sockets {
+            let l = tokio::net::TcpListener::from_std(s.listener).map_err(|e| {
+                (
+                    exit::FAILURE,
+                    format!("cannot use the socket from systemd: {e}"),
+                )
+            })?;
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(
+                    "listening on {a} (socket \"{}\" passed by systemd; [network] listen is not used)",
+                    s.name
+                );
+            }
+            out.push(l);
+        }
+        return Ok(out);
+    }
+    for addr in &config.network.listen {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            (
+                exit::FAILURE,
+                format!(
+                    "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) may use the port; change [network] listen or --listen"
+                ),
+            )
+        })?;
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("listening on {a} for RFC 2217 clients");
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
 /// Builds the control-line policy the configuration asks for. Must run inside the runtime
 /// (the reset engine is a task).
 pub fn build_control(config: &Config) -> Result<Box<dyn Control>, String> {
@@ -209,7 +246,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, u8> {
         })
 }
 
-fn serve(config: Config) -> u8 {
+fn serve(config: Config, reload: Reload) -> u8 {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -222,32 +259,21 @@ fn serve(config: Config) -> u8 {
                 return exit::CONFIG;
             }
         };
-        serve_with(config, Arc::new(Mutex::new(control))).await
+        serve_with(config, Arc::new(Mutex::new(control)), Some(reload)).await
     })
 }
 
-/// Binds the configured addresses and serves until SIGTERM/SIGINT.
-pub async fn serve_with(config: Config, control: SharedControl) -> u8 {
-    let mut listeners = Vec::new();
-    for addr in &config.network.listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                eprintln!(
-                    "esp-bridge: cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) may use the port; change [network] listen or --listen"
-                );
-                return exit::FAILURE;
-            }
+/// Takes the sockets systemd passed in, or binds the configured addresses, and serves until
+/// SIGTERM/SIGINT.
+pub async fn serve_with(config: Config, control: SharedControl, reload: Option<Reload>) -> u8 {
+    let listeners = match listeners(&config).await {
+        Ok(l) => l,
+        Err((code, message)) => {
+            eprintln!("esp-bridge: {message}");
+            return code;
         }
-    }
-    for l in &listeners {
-        if let Ok(a) = l.local_addr() {
-            tracing::info!(
-                "listening on {a} for RFC 2217 clients; serial device {}",
-                config.serial.device.display()
-            );
-        }
-    }
+    };
+    tracing::info!("serial device {}", config.serial.device.display());
     {
         let c = control
             .lock()
@@ -259,6 +285,7 @@ pub async fn serve_with(config: Config, control: SharedControl) -> u8 {
         listeners,
         control.clone(),
         crate::shutdown::requested(),
+        reload,
     )
     .await;
     // The lines go to their safe state before the process (and its line request) ends.

@@ -57,6 +57,9 @@ pub struct NetworkConfig {
     /// Seconds of silence before TCP keepalive probes start; a dead peer is dropped after
     /// about this plus 3 probes at a third of it.
     pub keepalive_secs: KeepaliveSecs,
+    /// Exit after this many seconds without a client (0: never). Under socket activation
+    /// systemd starts the service again on the next connection.
+    pub idle_exit_secs: u64,
 }
 
 impl Default for NetworkConfig {
@@ -65,6 +68,7 @@ impl Default for NetworkConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
             second_client: SecondClient::Refuse,
             keepalive_secs: KeepaliveSecs(10),
+            idle_exit_secs: 0,
         }
     }
 }

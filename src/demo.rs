@@ -203,7 +203,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
     };
     let code = rt.block_on(async {
         let control = crate::cli::control_over(driver, &config.control);
-        crate::cli::serve_with(config, Arc::new(Mutex::new(control))).await
+        crate::cli::serve_with(config, Arc::new(Mutex::new(control)), None).await
     });
     drop(sim);
     code

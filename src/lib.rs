@@ -21,3 +21,4 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sim;
+pub mod systemd;

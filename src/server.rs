@@ -30,13 +30,19 @@ struct Active {
     task: JoinHandle<()>,
 }
 
-/// Serves clients from `listeners` until `shutdown` completes.
+/// Re-reads the configuration (SIGHUP); `None` when the new one is unusable (already logged).
+pub type Reload = Box<dyn Fn() -> Option<Config> + Send>;
+
+/// Serves clients from `listeners` until `shutdown` completes (or, with `idle_exit_secs`,
+/// until no client came for that long).
 pub async fn serve(
-    config: Config,
+    mut config: Config,
     listeners: Vec<TcpListener>,
     control: SharedControl,
     shutdown: impl Future<Output = ()>,
+    reload: Option<Reload>,
 ) {
+    let idle_text = idle_status(&listeners);
     let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr)>(4);
     let mut acceptors = Vec::new();
     for listener in listeners {
@@ -46,9 +52,32 @@ pub async fn serve(
     drop(accepted_tx);
     tokio::pin!(shutdown);
     let mut active: Option<Active> = None;
+    crate::systemd::ready(&idle_text);
+    // WATCHDOG=1 comes from this loop, so a wedged loop (or a session hogging the runtime's
+    // one thread) stops the pings and systemd restarts the service.
+    let mut watchdog = crate::systemd::watchdog_period().map(tokio::time::interval);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut idle_since = tokio::time::Instant::now();
     loop {
+        let idle_deadline = (config.network.idle_exit_secs > 0 && active.is_none())
+            .then(|| idle_since + Duration::from_secs(config.network.idle_exit_secs));
         tokio::select! {
             () = &mut shutdown => break,
+            () = tick(&mut watchdog) => crate::systemd::watchdog_ping(),
+            () = sleep_until_opt(idle_deadline) => {
+                tracing::info!(
+                    "no client for {} s (idle_exit_secs): exiting; the socket unit starts esp-bridge again on the next connection",
+                    config.network.idle_exit_secs
+                );
+                break;
+            }
+            () = hup(&mut hangup) => {
+                if let Some(new) = reload.as_ref().and_then(|r| r()) {
+                    warn_unreloadable(&config, &new);
+                    config = new;
+                    tracing::info!("configuration re-read (SIGHUP); it applies from the next client");
+                }
+            }
             next = accepted.recv() => {
                 let Some((stream, peer)) = next else { break };
                 if active.as_ref().is_some_and(|a| a.task.is_finished()) {
@@ -73,14 +102,65 @@ pub async fn serve(
                 }
                 active = Some(start_session(&config, stream, peer, control.clone()));
             }
-            () = wait_finished(&mut active) => active = None,
+            () = wait_finished(&mut active) => {
+                active = None;
+                idle_since = tokio::time::Instant::now();
+                crate::systemd::status(&idle_text);
+            }
         }
     }
+    crate::systemd::stopping();
     for a in acceptors {
         a.abort();
     }
     if let Some(old) = active.take() {
         stop_session(old, StopRequest::Shutdown).await;
+    }
+}
+
+fn idle_status(listeners: &[TcpListener]) -> String {
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    format!("idle: waiting for a client on {}", addrs.join(", "))
+}
+
+/// Settings that only a restart can change: said once, so nobody waits for them in vain.
+fn warn_unreloadable(old: &Config, new: &Config) {
+    if old.network.listen != new.network.listen {
+        tracing::warn!(
+            "[network] listen changed: restart esp-bridge (or edit esp-bridge.socket) for it to apply"
+        );
+    }
+    if old.control != new.control {
+        tracing::warn!("[control] changed: restart esp-bridge for the new lines to be requested");
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn hup(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -189,6 +269,7 @@ async fn run_session(
         Err(e) => {
             let why = describe_open_error(device, &e);
             tracing::error!(session = id, peer = %peer, "client {peer} not served: {why}");
+            crate::systemd::status(&format!("device missing or unusable: {}", device.display()));
             let text = format!("esp-bridge: {why}\r\n");
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes()))
                 .await;
@@ -201,6 +282,7 @@ async fn run_session(
         baud = settings.baud,
         "client {peer} connected; serving {}", device.display()
     );
+    crate::systemd::status(&format!("serving {} at {} baud", peer.ip(), settings.baud));
     let info = SessionInfo {
         id,
         peer,

@@ -493,6 +493,10 @@ impl<U: Uart> Session<U> {
                                 self.settings.baud
                             );
                             self.settings.baud = baud;
+                            crate::systemd::status(&format!(
+                                "serving {} at {baud} baud",
+                                self.info.peer.ip()
+                            ));
                         }
                         Err(e) => self.device_failed(
                             &format!(

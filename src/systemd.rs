@@ -1,0 +1,133 @@
+//! systemd glue, kept at the edge: sockets passed in by a `.socket` unit, readiness, status
+//! and watchdog notifications, and logging to the journal.
+//!
+//! Everything here degrades to nothing outside systemd: without LISTEN_FDS the daemon binds
+//! its own addresses, without NOTIFY_SOCKET notifications are no-ops, and without the journal
+//! logs go to stderr.
+
+use sd_notify::NotifyState;
+use std::net::TcpListener;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The names a passed-in socket may carry (`FileDescriptorName=` in the socket unit). systemd
+/// names sockets after their unit when the unit gives none.
+const RFC2217_NAMES: &[&str] = &["rfc2217", "esp-bridge.socket", "unknown", ""];
+
+/// A listening socket handed over by systemd.
+#[derive(Debug)]
+pub struct Inherited {
+    pub name: String,
+    pub listener: TcpListener,
+}
+
+/// Takes the listening sockets systemd passed in (LISTEN_FDS / LISTEN_FDNAMES), made
+/// non-blocking for tokio. `Ok(None)` when there are none: the daemon binds its own.
+pub fn inherited_listeners() -> Result<Option<Vec<Inherited>>, String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|v| v.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        let name = names.get(i).cloned().unwrap_or_default();
+        let listener = match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => l,
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(format!(
+                    "socket {i} passed by systemd (name \"{name}\") is not a listening TCP socket ({e}): esp-bridge.socket must use ListenStream= only"
+                ));
+            }
+        };
+        if !RFC2217_NAMES.contains(&name.as_str()) {
+            return Err(format!(
+                "socket {i} passed by systemd is named \"{name}\", which esp-bridge does not know: use FileDescriptorName=rfc2217 (or none) in esp-bridge.socket"
+            ));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make the socket from systemd non-blocking: {e}"))?;
+        out.push(Inherited { name, listener });
+    }
+    Ok(Some(out))
+}
+
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
+}
+
+/// READY=1 with a first status line.
+pub fn ready(status: &str) {
+    remember(status);
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// STOPPING=1.
+pub fn stopping() {
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// WATCHDOG=1: the serving loop is alive.
+pub fn watchdog_ping() {
+    notify(&[NotifyState::Watchdog]);
+}
+
+/// Half the watchdog interval systemd asked for, if it asked.
+pub fn watchdog_period() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2)
+}
+
+static LAST_STATUS: Mutex<String> = Mutex::new(String::new());
+
+fn remember(status: &str) -> bool {
+    let mut last = LAST_STATUS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *last == status {
+        return false;
+    }
+    last.clear();
+    last.push_str(status);
+    true
+}
+
+/// STATUS=: one line saying what the service is doing (`systemctl status` shows it). Sent
+/// only when it changes.
+pub fn status(line: &str) {
+    if remember(line) {
+        notify(&[NotifyState::Status(line)]);
+    }
+}
+
+/// Logs to the journal when systemd connected stderr to it (JOURNAL_STREAM), with structured
+/// fields; to stderr otherwise (a terminal, tests, other init systems).
+pub fn init_logging(verbose: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = if verbose {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    let filter = tracing_subscriber::filter::LevelFilter::from_level(level);
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald.with_syslog_identifier("esp-bridge".into()))
+            .init();
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,214 @@
+"""systemd integration on the host: the real systemd-socket-activate, a fake NOTIFY_SOCKET,
+exit codes, SIGHUP, idle exit, and the unit's security score."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import serial
+
+from conftest import BIN, ROOT, LogReader, esptool_cmd, free_port
+from test_pyserial import device_speed
+
+UNIT = ROOT / "packaging" / "esp-bridge.service"
+
+
+def start_sim(tmp_path):
+    link = tmp_path / "ttyESP"
+    proc = subprocess.Popen(
+        [str(BIN), "sim", "--link", str(link), "--boot", "download"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout.readline().strip(), "sim prints its device path"
+    return proc, link
+
+
+def wait_log(log, needle, timeout=10):
+    log.wait_for(needle, timeout)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd missing")
+def test_socket_activation_flash_through_the_passed_socket(tmp_path):
+    sim, link = start_sim(tmp_path)
+    port = free_port()
+    unused = free_port()
+    bridge = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=rfc2217",
+         str(BIN), "--device", str(link), "--control", "none", "--listen", f"127.0.0.1:{unused}"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    log = LogReader(bridge.stderr)
+    try:
+        wait_log(log, "Listening on")
+        image = tmp_path / "app.bin"
+        image.write_bytes(os.urandom(64 * 1024))
+        url = f"rfc2217://127.0.0.1:{port}"
+        for args in (["write-flash", "0x10000", str(image)], ["verify-flash", "0x10000", str(image)]):
+            r = subprocess.run(
+                [str(esptool_cmd(5)), "--port", url, "--before", "no-reset", "--after", "no-reset", *args],
+                capture_output=True, text=True, timeout=300,
+            )
+            assert r.returncode == 0, r.stdout + r.stderr + log.text()
+        assert 'passed by systemd; [network] listen is not used' in log.text()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", unused), timeout=1).close()
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(10)
+        sim.terminate()
+        sim.wait(10)
+
+
+def test_unknown_socket_name_is_a_config_error(tmp_path):
+    port = free_port()
+    bridge = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=mystery",
+         str(BIN), "--device", "/dev/null", "--control", "none"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    log = LogReader(bridge.stderr)
+    wait_log(log, "Listening on")
+    socket.create_connection(("127.0.0.1", port)).close()
+    assert bridge.wait(10) == 78
+    assert 'named "mystery"' in log.text() and "FileDescriptorName=rfc2217" in log.text()
+
+
+class FakeNotify:
+    """A unix datagram socket standing in for systemd's notification socket."""
+
+    def __init__(self, tmp_path):
+        self.path = str(tmp_path / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+        self.running = True
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while self.running:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def lines(self):
+        return [line for _, msg in self.messages for line in msg.split("\n") if line]
+
+    def wait_for(self, needle, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in self.lines()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no {needle!r} in {self.lines()}")
+
+
+def test_notify_ready_status_watchdog_stopping(tmp_path, device):
+    notify = FakeNotify(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN), "--device", device.path, "--control", "none", "--listen", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        env={**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
+    )
+    LogReader(proc.stderr)
+    try:
+        notify.wait_for("READY=1")
+        notify.wait_for(f"STATUS=idle: waiting for a client on 127.0.0.1:{port}")
+        t0 = time.monotonic()
+        time.sleep(2.0)
+        pings = [t for t, m in notify.messages if "WATCHDOG=1" in m and t >= t0]
+        # Every 200 ms (half of WATCHDOG_USEC): about 10 in 2 s.
+        assert 7 <= len(pings) <= 13, len(pings)
+        ser = serial.serial_for_url(f"rfc2217://127.0.0.1:{port}", baudrate=921600, timeout=1)
+        notify.wait_for("STATUS=serving 127.0.0.1 at 921600 baud")
+        ser.close()
+        notify.wait_for("STATUS=idle")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        notify.wait_for("STOPPING=1")
+    finally:
+        notify.running = False
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_missing_gpio_line_exits_78_naming_the_key(tmp_path):
+    cfg = tmp_path / "gpio.toml"
+    cfg.write_text('[control]\nbackend = "gpio"\n[control.gpio]\nreset = "GPIO99X"\n')
+    r = subprocess.run(
+        [str(BIN), "--config", str(cfg), "--device", "/dev/null", "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=10,
+    )
+    assert r.returncode == 78, r.stderr
+    assert '"GPIO99X" ([control.gpio] reset)' in r.stderr and "gpioinfo" in r.stderr
+
+
+def test_sighup_rereads_the_config_for_the_next_client(tmp_path, device):
+    cfg = tmp_path / "c.toml"
+    port = free_port()
+    cfg.write_text(f'[serial]\ndevice = "{device.path}"\nbaud = 115200\n'
+                   f'[network]\nlisten = ["127.0.0.1:{port}"]\n')
+    proc = subprocess.Popen([str(BIN), "--config", str(cfg)], stderr=subprocess.PIPE)
+    log = LogReader(proc.stderr)
+    try:
+        wait_log(log, f"listening on 127.0.0.1:{port}")
+        s = socket.create_connection(("127.0.0.1", port))
+        wait_log(log, "connected")
+        assert device_speed(device.master) == 115200
+        s.close()
+        wait_log(log, "ended")
+        cfg.write_text(cfg.read_text().replace("115200", "57600"))
+        proc.send_signal(signal.SIGHUP)
+        wait_log(log, "configuration re-read")
+        s = socket.create_connection(("127.0.0.1", port))
+        deadline = time.monotonic() + 5
+        while log.text().count("connected;") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert device_speed(device.master) == 57600
+        s.close()
+        # A broken file on SIGHUP keeps the running configuration.
+        cfg.write_text("[serial\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_log(log, "keeping the running configuration")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_idle_exit(tmp_path):
+    cfg = tmp_path / "idle.toml"
+    cfg.write_text("[network]\nidle_exit_secs = 1\n")
+    port = free_port()
+    start = time.monotonic()
+    r = subprocess.run(
+        [str(BIN), "--config", str(cfg), "--device", "/dev/null", "--control", "none",
+         "--listen", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert r.returncode == 0, r.stderr
+    assert 1.0 <= time.monotonic() - start < 10
+    assert "idle_exit_secs" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd missing")
+def test_unit_security_exposure_at_most_1_5():
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(UNIT)],
+        capture_output=True, text=True, timeout=60,
+    )
+    m = re.search(r"Overall exposure level for esp-bridge.service: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 1.5, r.stdout
