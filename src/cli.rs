@@ -8,7 +8,7 @@ use crate::control::{Control, DirectControl, LineDriver, NoControl};
 use crate::gpio::GpioLines;
 use crate::modem::{ModemLines, ModemPassthrough, TtyModem};
 use crate::reset::EspControl;
-use crate::server::Reload;
+use crate::server::{PortKind, Reload};
 use crate::session::SharedControl;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -50,9 +50,12 @@ struct Options {
     /// Serial device, e.g. /dev/serial0 or /dev/ttyUSB0
     #[arg(long, global = true, value_name = "PATH")]
     device: Option<PathBuf>,
-    /// Address to listen on (repeatable), e.g. 0.0.0.0:2217
+    /// Address to listen on for RFC 2217 clients (repeatable), e.g. 0.0.0.0:2217
     #[arg(long, global = true, value_name = "HOST:PORT")]
     listen: Vec<SocketAddr>,
+    /// Address for the ESP-aware raw port (esptool --port socket://), e.g. 0.0.0.0:2218
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    raw_listen: Vec<SocketAddr>,
     /// Baud rate the port starts with for every client
     #[arg(long, global = true, value_name = "N")]
     baud: Option<u32>,
@@ -93,6 +96,7 @@ pub fn run() -> u8 {
     let overrides = Overrides {
         device: cli.options.device.clone(),
         listen: cli.options.listen.clone(),
+        raw_listen: cli.options.raw_listen.clone(),
         baud: cli.options.baud,
         control: cli.options.control,
     };
@@ -171,8 +175,12 @@ fn check_config(config: &Config) -> u8 {
     exit::OK
 }
 
-async fn listeners(config: &Config) -> Result<Vec<tokio::net::TcpListener>, (u8, String)> {
-    let inherited = crate::systemd::inherited_listeners().map_err(|e| (exit::CONFIG, e))?;
+async fn listeners(
+    config: &Config,
+) -> Result<Vec<(tokio::net::TcpListener, PortKind)>, (u8, String)> {
+    let raw_ports: Vec<u16> = config.network.raw_listen.iter().map(|a| a.port()).collect();
+    let inherited =
+        crate::systemd::inherited_listeners(&raw_ports).map_err(|e| (exit::CONFIG, e))?;
     let mut out = Vec::new();
     if let Some(sockets) = inherited {
         for s in sockets {
@@ -184,27 +192,40 @@ async fn listeners(config: &Config) -> Result<Vec<tokio::net::TcpListener>, (u8,
             })?;
             if let Ok(a) = l.local_addr() {
                 tracing::info!(
-                    "listening on {a} (socket \"{}\" passed by systemd; [network] listen is not used)",
+                    "listening on {a} for {} clients (socket \"{}\" passed by systemd; [network] listen is not used)",
+                    s.kind,
                     s.name
                 );
             }
-            out.push(l);
+            out.push((l, s.kind));
         }
         return Ok(out);
     }
-    for addr in &config.network.listen {
+    let wanted = config
+        .network
+        .listen
+        .iter()
+        .map(|a| (a, PortKind::Rfc2217))
+        .chain(
+            config
+                .network
+                .raw_listen
+                .iter()
+                .map(|a| (a, PortKind::EspRaw)),
+        );
+    for (addr, kind) in wanted {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             (
                 exit::FAILURE,
                 format!(
-                    "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) may use the port; change [network] listen or --listen"
+                    "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) may use the port; change [network] listen / raw_listen, or --listen / --raw-listen"
                 ),
             )
         })?;
         if let Ok(a) = l.local_addr() {
-            tracing::info!("listening on {a} for RFC 2217 clients");
+            tracing::info!("listening on {a} for {kind} clients");
         }
-        out.push(l);
+        out.push((l, kind));
     }
     Ok(out)
 }

@@ -51,8 +51,10 @@ impl Default for SerialConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
-    /// Addresses bound when no socket is passed in by systemd.
+    /// Addresses bound for RFC 2217 clients when no socket is passed in by systemd.
     pub listen: Vec<SocketAddr>,
+    /// Addresses bound for the ESP-aware raw port (`esptool --port socket://`), likewise.
+    pub raw_listen: Vec<SocketAddr>,
     pub second_client: SecondClient,
     /// Seconds of silence before TCP keepalive probes start; a dead peer is dropped after
     /// about this plus 3 probes at a third of it.
@@ -66,6 +68,7 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
+            raw_listen: Vec::new(),
             second_client: SecondClient::Refuse,
             keepalive_secs: KeepaliveSecs(10),
             idle_exit_secs: 0,
@@ -340,6 +343,7 @@ impl std::error::Error for ConfigError {}
 pub struct Overrides {
     pub device: Option<PathBuf>,
     pub listen: Vec<SocketAddr>,
+    pub raw_listen: Vec<SocketAddr>,
     pub baud: Option<u32>,
     pub control: Option<ControlBackend>,
 }
@@ -412,6 +416,9 @@ impl Config {
         }
         if !o.listen.is_empty() {
             self.network.listen = o.listen.clone();
+        }
+        if !o.raw_listen.is_empty() {
+            self.network.raw_listen = o.raw_listen.clone();
         }
         if let Some(baud) = o.baud {
             self.serial.baud =
@@ -502,6 +509,7 @@ mod tests {
         c.apply(&Overrides {
             device: Some("/dev/ttyUSB1".into()),
             listen: vec!["127.0.0.1:4000".parse().unwrap()],
+            raw_listen: vec!["127.0.0.1:4001".parse().unwrap()],
             baud: Some(921_600),
             control: Some(ControlBackend::None),
         })

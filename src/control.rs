@@ -59,6 +59,14 @@ pub trait Control: Send {
     /// The client is gone (or the service stops): put the pins in their safe state. The way
     /// there may take a timed sequence; [`Control::settled`] tells when it is done.
     fn release(&mut self) -> io::Result<()>;
+    /// Puts the chip into its ROM bootloader with a locally timed sequence (the raw port
+    /// does this for esptool, which cannot reset over a plain socket).
+    fn enter_bootloader(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this control setup cannot reset the chip: use [control] mode = \"esp\" with backend \"gpio\" or \"modem\", or put the chip into download mode by hand",
+        ))
+    }
     /// Completes when every line change asked for so far has been carried out.
     fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(std::future::ready(()))

@@ -137,6 +137,7 @@ impl ModemPort for SimAutoProgram {
 
 /// The default demo address: loopback only, since the demo is for trying things locally.
 const DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2217);
+const DEMO_RAW_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2218);
 
 fn start_sim(config: SimConfig) -> Result<Esp32Sim, u8> {
     Esp32Sim::start(config).map_err(|e| {
@@ -158,6 +159,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
     };
     let mut config = Config::default();
     config.network.listen = vec![SocketAddr::from(DEMO_LISTEN)];
+    config.network.raw_listen = vec![SocketAddr::from(DEMO_RAW_LISTEN)];
     config.serial.device = sim.device_path().to_path_buf();
     let mut demo_overrides = overrides.clone();
     // The device and the control lines are the virtual chip's; the rest may be overridden.
@@ -167,17 +169,19 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
         eprintln!("esp-bridge: {e}");
         return exit::USAGE;
     }
-    let url = config
-        .network
-        .listen
-        .first()
-        .map(|a| format!("rfc2217://{a}"))
-        .unwrap_or_default();
+    let first = |addrs: &[SocketAddr], scheme: &str| {
+        addrs
+            .first()
+            .map(|a| format!("{scheme}://{a}"))
+            .unwrap_or_default()
+    };
+    let url = first(&config.network.listen, "rfc2217");
+    let raw = first(&config.network.raw_listen, "socket");
     eprintln!(
-        "esp-bridge demo: a virtual ESP32 is on {} and served at {url}\n\
+        "esp-bridge demo: a virtual ESP32 is on {} and served at {url} (RFC 2217) and {raw} (fast raw port)\n\
          Try, in another terminal (pip install esptool):\n\
          \x20 esptool --port {url} flash-id\n\
-         \x20 esptool --port {url} write-flash 0x10000 some.bin\n\
+         \x20 esptool --port {raw} write-flash 0x10000 some.bin     # flashes as fast as a local cable\n\
          \x20 python -m serial.tools.miniterm {url} 115200\n\
          Ctrl-C stops.",
         sim.device_path().display()

@@ -27,10 +27,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-/// Shortest EN-low pulse: what esptool's own sequences hold, and ample for the chip.
-pub const RESET_MIN: Duration = Duration::from_millis(100);
-/// How long IO0 stays low after EN rose in a bootloader entry (esptool sleeps 50 ms).
-pub const BOOT_HOLD: Duration = Duration::from_millis(50);
+/// Shortest EN-low pulse: esptool's own sequences hold 100 ms; 10 ms more so that timer and
+/// scheduling jitter can never make it shorter than that.
+pub const RESET_MIN: Duration = Duration::from_millis(110);
+/// How long IO0 stays low after EN rose in a bootloader entry: esptool sleeps 50 ms; 10 ms
+/// more for the same reason.
+pub const BOOT_HOLD: Duration = Duration::from_millis(60);
 /// IO0 goes low this long before EN is released, so the strap is settled when sampled.
 pub const STRAP_SETUP: Duration = Duration::from_millis(10);
 /// How long "both asserted" right after a reset keeps the chip in reset while the client's
@@ -38,6 +40,22 @@ pub const STRAP_SETUP: Duration = Duration::from_millis(10);
 /// pyserial's 50 ms poll fits many times over; a client that really meant "run" gets a reset
 /// this much longer, which is harmless.
 pub const AMBIGUOUS_GRACE: Duration = Duration::from_millis(1500);
+
+/// EN held low, IO0 released: in reset, will boot the application.
+const RESET: Straps = Straps {
+    reset: true,
+    boot: false,
+};
+/// Both held low: in reset, will enter the bootloader.
+const BOTH: Straps = Straps {
+    reset: true,
+    boot: true,
+};
+/// EN released with IO0 low: the chip samples IO0 low and enters the bootloader.
+const BOOTING: Straps = Straps {
+    reset: false,
+    boot: true,
+};
 
 /// What to do with the chip when its client leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -141,19 +159,7 @@ impl Planner {
         self.advance(now);
         let cur = self.current;
         let entering_bootloader = cur.reset && cur.boot;
-        let released = Straps::RELEASED;
-        let reset = Straps {
-            reset: true,
-            boot: false,
-        };
-        let both = Straps {
-            reset: true,
-            boot: true,
-        };
-        let booting = Straps {
-            reset: false,
-            boot: true,
-        };
+        let (released, reset, both, booting) = (Straps::RELEASED, RESET, BOTH, BOOTING);
         self.plan.clear();
         match Intent::of(outputs) {
             Intent::Reset => {
@@ -200,14 +206,29 @@ impl Planner {
         }
     }
 
+    /// The bootloader on request (the raw port's esptool client): a full local sequence.
+    pub fn enter_bootloader(&mut self, now: Instant) {
+        self.advance(now);
+        self.plan.clear();
+        let (reset, both, booting) = (RESET, BOTH, BOOTING);
+        let (start, since) = if self.current.reset {
+            (now, self.reset_since.unwrap_or(now))
+        } else {
+            let start = self.earliest_boot_release(now);
+            self.plan.push_back((start, reset));
+            (start, start)
+        };
+        let rise = (start + STRAP_SETUP).max(since + RESET_MIN);
+        self.plan.push_back((rise - STRAP_SETUP, both));
+        self.plan.push_back((rise, booting));
+        self.plan.push_back((rise + BOOT_HOLD, Straps::RELEASED));
+    }
+
     /// The client left (or the service stops): plan the way to the safe state.
     pub fn release(&mut self, now: Instant) {
         self.advance(now);
         self.plan.clear();
-        let reset = Straps {
-            reset: true,
-            boot: false,
-        };
+        let reset = RESET;
         let chip_left_in_bootloader = self.in_download || self.current.boot;
         if self.after_disconnect == AfterDisconnect::Run && chip_left_in_bootloader {
             // A chip in download mode (or on its way there) goes back to its application.
@@ -281,6 +302,7 @@ impl Planner {
 
 enum Input {
     Client(ModemOutputs),
+    Bootloader,
     Release,
 }
 
@@ -316,6 +338,7 @@ impl EspControl {
                 match input {
                     Some(Input::Client(o)) => planner.client(o, now),
                     Some(Input::Release) => planner.release(now),
+                    Some(Input::Bootloader) => planner.enter_bootloader(now),
                     None => {}
                 }
                 while let Some((straps, event)) = planner.poll(Instant::now()) {
@@ -371,6 +394,11 @@ impl Control for EspControl {
             .send(Input::Release)
             .map_err(|_| io::Error::other("the reset engine has stopped"))
     }
+    fn enter_bootloader(&mut self) -> io::Result<()> {
+        self.tx
+            .send(Input::Bootloader)
+            .map_err(|_| io::Error::other("the reset engine has stopped"))
+    }
     fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let mut idle = self.idle.clone();
         Box::pin(async move {
@@ -424,18 +452,8 @@ mod tests {
     }
 
     const REL: Straps = Straps::RELEASED;
-    const RST: Straps = Straps {
-        reset: true,
-        boot: false,
-    };
-    const BOTH: Straps = Straps {
-        reset: true,
-        boot: true,
-    };
-    const BOOT: Straps = Straps {
-        reset: false,
-        boot: true,
-    };
+    const RST: Straps = RESET;
+    const BOOT: Straps = BOOTING;
 
     /// esptool's classic reset as it reaches the Pi with `lat` ms between commands (each
     /// SET-CONTROL waits for its acknowledgement, so every step costs a round trip).
@@ -519,7 +537,7 @@ mod tests {
     #[test]
     fn rts_pulse_resets_into_the_app_with_a_full_pulse() {
         let trace = run(&[(0, o(false, true)), (20, o(false, false))], None, 500);
-        assert_eq!(trace, vec![(0, RST), (100, REL)]);
+        assert_eq!(trace, vec![(0, RST), (110, REL)]);
     }
 
     #[test]
@@ -543,7 +561,7 @@ mod tests {
     #[test]
     fn disconnect_while_holding_reset_releases_after_the_minimum() {
         let trace = run(&[(0, o(false, true))], Some(10), 500);
-        assert_eq!(trace, vec![(0, RST), (100, REL)]);
+        assert_eq!(trace, vec![(0, RST), (110, REL)]);
     }
 
     #[test]
@@ -556,6 +574,34 @@ mod tests {
         let after: Vec<_> = trace.iter().filter(|(t, _)| *t >= end + 400).collect();
         assert!(after.is_empty(), "{after:?}");
         assert_eq!(trace.last().unwrap().1, REL);
+    }
+
+    #[test]
+    fn bootloader_on_request_has_full_timing_then_runs_after_release() {
+        let t0 = Instant::now();
+        let mut p = Planner::new(Straps::RELEASED, AfterDisconnect::Run);
+        p.enter_bootloader(t0);
+        let mut trace = Vec::new();
+        for ms in 0..=600u64 {
+            let now = t0 + Duration::from_millis(ms);
+            if ms == 400 {
+                p.release(now);
+            }
+            while let Some((s, _)) = p.poll(now) {
+                trace.push((ms, s));
+            }
+        }
+        assert_eq!(
+            trace,
+            vec![
+                (0, RST),
+                (100, BOTH),
+                (110, BOOT),
+                (170, REL),
+                (400, RST),
+                (510, REL)
+            ]
+        );
     }
 
     #[test]

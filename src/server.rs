@@ -7,7 +7,7 @@
 
 use crate::config::{Config, SecondClient};
 use crate::serial::{LineSettings, SerialDevice, describe_open_error};
-use crate::session::{Report, Session, SessionInfo, SharedControl, StopRequest};
+use crate::session::{Framing, Report, Session, SessionInfo, SharedControl, StopRequest};
 use socket2::{SockRef, TcpKeepalive};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +30,24 @@ struct Active {
     task: JoinHandle<()>,
 }
 
+/// Which protocol a listening port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// Telnet + RFC 2217 (`rfc2217://`).
+    Rfc2217,
+    /// The ESP-aware raw port (`socket://`).
+    EspRaw,
+}
+
+impl std::fmt::Display for PortKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortKind::Rfc2217 => "RFC 2217",
+            PortKind::EspRaw => "ESP raw",
+        })
+    }
+}
+
 /// Re-reads the configuration (SIGHUP); `None` when the new one is unusable (already logged).
 pub type Reload = Box<dyn Fn() -> Option<Config> + Send>;
 
@@ -37,17 +55,17 @@ pub type Reload = Box<dyn Fn() -> Option<Config> + Send>;
 /// until no client came for that long).
 pub async fn serve(
     mut config: Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, PortKind)>,
     control: SharedControl,
     shutdown: impl Future<Output = ()>,
     reload: Option<Reload>,
 ) {
     let idle_text = idle_status(&listeners);
-    let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr)>(4);
+    let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(4);
     let mut acceptors = Vec::new();
-    for listener in listeners {
+    for (listener, kind) in listeners {
         let tx = accepted_tx.clone();
-        acceptors.push(tokio::spawn(accept_loop(listener, tx)));
+        acceptors.push(tokio::spawn(accept_loop(listener, kind, tx)));
     }
     drop(accepted_tx);
     tokio::pin!(shutdown);
@@ -79,7 +97,7 @@ pub async fn serve(
                 }
             }
             next = accepted.recv() => {
-                let Some((stream, peer)) = next else { break };
+                let Some((stream, peer, kind)) = next else { break };
                 if active.as_ref().is_some_and(|a| a.task.is_finished()) {
                     active = None;
                 }
@@ -100,7 +118,7 @@ pub async fn serve(
                         }
                     }
                 }
-                active = Some(start_session(&config, stream, peer, control.clone()));
+                active = Some(start_session(&config, stream, peer, kind, control.clone()));
             }
             () = wait_finished(&mut active) => {
                 active = None;
@@ -118,11 +136,10 @@ pub async fn serve(
     }
 }
 
-fn idle_status(listeners: &[TcpListener]) -> String {
+fn idle_status(listeners: &[(TcpListener, PortKind)]) -> String {
     let addrs: Vec<String> = listeners
         .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
+        .filter_map(|(l, kind)| l.local_addr().ok().map(|a| format!("{a} ({kind})")))
         .collect();
     format!("idle: waiting for a client on {}", addrs.join(", "))
 }
@@ -185,11 +202,13 @@ async fn stop_session(active: Active, why: StopRequest) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(TcpStream, SocketAddr)>) {
+type Accepted = (TcpStream, SocketAddr, PortKind);
+
+async fn accept_loop(listener: TcpListener, kind: PortKind, tx: mpsc::Sender<Accepted>) {
     loop {
         match listener.accept().await {
-            Ok(conn) => {
-                if tx.send(conn).await.is_err() {
+            Ok((stream, peer)) => {
+                if tx.send((stream, peer, kind)).await.is_err() {
                     return;
                 }
             }
@@ -235,13 +254,14 @@ fn start_session(
     config: &Config,
     stream: TcpStream,
     peer: SocketAddr,
+    kind: PortKind,
     control: SharedControl,
 ) -> Active {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let (stop, stop_rx) = watch::channel(None);
     let config = config.clone();
     let task = tokio::spawn(async move {
-        run_session(id, config, stream, peer, control, stop_rx).await;
+        run_session(id, config, stream, peer, kind, control, stop_rx).await;
     });
     Active {
         id,
@@ -256,6 +276,7 @@ async fn run_session(
     config: Config,
     mut stream: TcpStream,
     peer: SocketAddr,
+    kind: PortKind,
     control: SharedControl,
     stop: watch::Receiver<Option<StopRequest>>,
 ) {
@@ -280,7 +301,7 @@ async fn run_session(
         session = id,
         peer = %peer,
         baud = settings.baud,
-        "client {peer} connected; serving {}", device.display()
+        "client {peer} connected to the {kind} port; serving {}", device.display()
     );
     crate::systemd::status(&format!("serving {} at {} baud", peer.ip(), settings.baud));
     let info = SessionInfo {
@@ -289,7 +310,11 @@ async fn run_session(
         signature: format!("esp-bridge {}", env!("CARGO_PKG_VERSION")),
         device: device.display().to_string(),
     };
-    let report = Session::new(info, stream, uart, control, settings)
+    let framing = match kind {
+        PortKind::Rfc2217 => Framing::rfc2217(),
+        PortKind::EspRaw => Framing::esp_raw(),
+    };
+    let report = Session::new(info, stream, uart, control, settings, framing)
         .run(stop)
         .await;
     log_report(id, peer, &report);

@@ -14,6 +14,7 @@
 
 use crate::config::{FlowControl, Parity};
 use crate::control::{Control, ModemOutputs};
+use crate::protocol::esp_raw::EspRaw;
 use crate::protocol::rfc2217::{self, control as ctl, purge};
 use crate::protocol::{Engine, Event, PortCommand};
 use crate::serial::{Drain, LineSettings, Uart};
@@ -83,6 +84,23 @@ pub struct Report {
 /// session being served.
 pub type SharedControl = Arc<Mutex<Box<dyn Control>>>;
 
+/// How the client's bytes are framed, by the port it connected to.
+pub enum Framing {
+    /// Telnet with RFC 2217 COM-PORT control (`rfc2217://`).
+    Rfc2217(Engine),
+    /// The ESP-aware raw port (`socket://`): bytes pass unchanged.
+    EspRaw(EspRaw),
+}
+
+impl Framing {
+    pub fn rfc2217() -> Self {
+        Framing::Rfc2217(Engine::new())
+    }
+    pub fn esp_raw() -> Self {
+        Framing::EspRaw(EspRaw::new())
+    }
+}
+
 /// Static facts a session needs.
 pub struct SessionInfo {
     pub id: u64,
@@ -96,7 +114,7 @@ pub struct Session<U: Uart> {
     tcp: TcpStream,
     uart: U,
     control: SharedControl,
-    engine: Engine,
+    framing: Framing,
     settings: LineSettings,
     outputs: ModemOutputs,
     break_on: bool,
@@ -135,6 +153,7 @@ impl<U: Uart> Session<U> {
         uart: U,
         control: SharedControl,
         settings: LineSettings,
+        framing: Framing,
     ) -> Self {
         let mut modem_timer = tokio::time::interval(MODEM_POLL);
         modem_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,7 +162,7 @@ impl<U: Uart> Session<U> {
             tcp,
             uart,
             control,
-            engine: Engine::new(),
+            framing,
             settings,
             outputs: ModemOutputs::default(),
             break_on: false,
@@ -173,8 +192,10 @@ impl<U: Uart> Session<U> {
     /// Serves the client until it leaves, the device fails, or `stop` says so.
     pub async fn run(mut self, mut stop: watch::Receiver<Option<StopRequest>>) -> Report {
         let started = Instant::now();
-        let greeting = self.engine.greeting();
-        self.out.extend_from_slice(&greeting);
+        if let Framing::Rfc2217(engine) = &mut self.framing {
+            let greeting = engine.greeting();
+            self.out.extend_from_slice(&greeting);
+        }
         let reason = loop {
             if let Some(request) = *stop.borrow_and_update() {
                 break EndReason::Stopped(request);
@@ -335,8 +356,12 @@ impl<U: Uart> Session<U> {
                     self.client_eof = true;
                     return Ok(true);
                 }
-                self.engine
-                    .receive(&self.net_buf[..n], &mut self.events, &mut self.out);
+                match &mut self.framing {
+                    Framing::Rfc2217(engine) => {
+                        engine.receive(&self.net_buf[..n], &mut self.events, &mut self.out)
+                    }
+                    Framing::EspRaw(raw) => raw.from_client(&self.net_buf[..n], &mut self.events),
+                }
                 self.inbound.extend(self.events.drain(..));
                 Ok(true)
             }
@@ -359,7 +384,19 @@ impl<U: Uart> Session<U> {
                         "end of file",
                     )));
                 }
-                Engine::encode_data(&self.dev_buf[..n], &mut self.pending);
+                match &mut self.framing {
+                    Framing::Rfc2217(_) => {
+                        Engine::encode_data(&self.dev_buf[..n], &mut self.pending)
+                    }
+                    Framing::EspRaw(raw) => {
+                        raw.from_device(&self.dev_buf[..n], &mut self.pending, &mut self.events);
+                        // A baud switch goes before any client input still queued: the
+                        // client sends its next command only after it read this reply.
+                        for event in self.events.drain(..).rev() {
+                            self.inbound.push_front(event);
+                        }
+                    }
+                }
                 Ok(true)
             }
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
@@ -395,8 +432,8 @@ impl<U: Uart> Session<U> {
                         Poll::Pending => return Ok(progress),
                     }
                 }
-                Event::Port(cmd) => {
-                    if self.tx_dirty && self.changes_line_settings(cmd) {
+                Event::Port(_) | Event::SwitchBaud(_) => {
+                    if self.tx_dirty && self.changes_line_settings(front) {
                         let drain = self.drain.get_or_insert_with(|| self.uart.drain());
                         match drain.as_mut().poll(cx) {
                             Poll::Ready(result) => {
@@ -412,10 +449,27 @@ impl<U: Uart> Session<U> {
                             Poll::Pending => return Ok(progress),
                         }
                     }
-                    let Some(Event::Port(cmd)) = self.inbound.pop_front() else {
-                        continue;
-                    };
-                    self.apply(cmd);
+                    match self.inbound.pop_front() {
+                        Some(Event::Port(cmd)) => self.apply(cmd),
+                        Some(Event::SwitchBaud(baud)) => self.switch_baud(baud),
+                        _ => {}
+                    }
+                    progress = true;
+                }
+                Event::EnterBootloader => {
+                    self.inbound.pop_front();
+                    let result = self
+                        .control
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .enter_bootloader();
+                    match result {
+                        Ok(()) => tracing::info!(
+                            session = self.info.id,
+                            "raw port: esptool is syncing; putting the chip into its bootloader"
+                        ),
+                        Err(e) => tracing::warn!(session = self.info.id, "raw port: {e}"),
+                    }
                     progress = true;
                 }
                 Event::ComPortEnabled => {
@@ -444,8 +498,13 @@ impl<U: Uart> Session<U> {
 
     /// Whether applying `cmd` changes how bytes are framed on the wire, so that bytes
     /// written before it must leave the UART first.
-    fn changes_line_settings(&self, cmd: &PortCommand) -> bool {
+    fn changes_line_settings(&self, event: &Event) -> bool {
         let s = &self.settings;
+        let cmd = match event {
+            Event::SwitchBaud(b) => return *b != s.baud,
+            Event::Port(cmd) => cmd,
+            _ => return false,
+        };
         match *cmd {
             PortCommand::SetBaudRate(b) => b != 0 && b != s.baud,
             PortCommand::SetDataSize(d) => (5..=8).contains(&d) && d != s.data_bits,
@@ -453,6 +512,25 @@ impl<U: Uart> Session<U> {
             PortCommand::SetStopSize(v) => matches!(v, 1 | 2) && v != s.stop_bits,
             PortCommand::SetControl(ctl::BREAK_ON) => !self.break_on,
             _ => false,
+        }
+    }
+
+    /// The raw port's baud switch: like SET-BAUDRATE, without a reply.
+    fn switch_baud(&mut self, baud: u32) {
+        if baud == self.settings.baud {
+            return;
+        }
+        match self.uart.set_baud(baud) {
+            Ok(()) => {
+                tracing::info!(
+                    session = self.info.id,
+                    baud,
+                    "raw port: the chip switched to {baud} baud; so does the UART"
+                );
+                self.settings.baud = baud;
+                crate::systemd::status(&format!("serving {} at {baud} baud", self.info.peer.ip()));
+            }
+            Err(e) => self.device_failed(&format!("the device refused baud rate {baud}"), e),
         }
     }
 
@@ -664,7 +742,8 @@ impl<U: Uart> Session<U> {
     }
 
     fn poll_modem(&mut self, cx: &mut Context<'_>) {
-        if self.modem_supported == Some(false) || !self.engine.com_port_active() {
+        let rfc2217 = matches!(&self.framing, Framing::Rfc2217(e) if e.com_port_active());
+        if self.modem_supported == Some(false) || !rfc2217 {
             return;
         }
         while self.modem_timer.poll_tick(cx).is_ready() {

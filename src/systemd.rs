@@ -13,17 +13,22 @@ use std::time::Duration;
 /// The names a passed-in socket may carry (`FileDescriptorName=` in the socket unit). systemd
 /// names sockets after their unit when the unit gives none.
 const RFC2217_NAMES: &[&str] = &["rfc2217", "esp-bridge.socket", "unknown", ""];
+/// The name that marks the ESP-aware raw port.
+const RAW_NAME: &str = "raw";
 
 /// A listening socket handed over by systemd.
 #[derive(Debug)]
 pub struct Inherited {
     pub name: String,
     pub listener: TcpListener,
+    pub kind: crate::server::PortKind,
 }
 
 /// Takes the listening sockets systemd passed in (LISTEN_FDS / LISTEN_FDNAMES), made
 /// non-blocking for tokio. `Ok(None)` when there are none: the daemon binds its own.
-pub fn inherited_listeners() -> Result<Option<Vec<Inherited>>, String> {
+/// A socket named "raw", or on one of `raw_ports`, is the ESP-aware raw port; the rest are
+/// RFC 2217.
+pub fn inherited_listeners(raw_ports: &[u16]) -> Result<Option<Vec<Inherited>>, String> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
         return Ok(None);
@@ -43,15 +48,24 @@ pub fn inherited_listeners() -> Result<Option<Vec<Inherited>>, String> {
                 ));
             }
         };
-        if !RFC2217_NAMES.contains(&name.as_str()) {
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let kind = if name == RAW_NAME || raw_ports.contains(&port) {
+            crate::server::PortKind::EspRaw
+        } else if RFC2217_NAMES.contains(&name.as_str()) {
+            crate::server::PortKind::Rfc2217
+        } else {
             return Err(format!(
-                "socket {i} passed by systemd is named \"{name}\", which esp-bridge does not know: use FileDescriptorName=rfc2217 (or none) in esp-bridge.socket"
+                "socket {i} passed by systemd is named \"{name}\", which esp-bridge does not know: use FileDescriptorName=rfc2217 (or none) for RFC 2217 and FileDescriptorName=raw for the raw port in esp-bridge.socket"
             ));
-        }
+        };
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("cannot make the socket from systemd non-blocking: {e}"))?;
-        out.push(Inherited { name, listener });
+        out.push(Inherited {
+            name,
+            listener,
+            kind,
+        });
     }
     Ok(Some(out))
 }

@@ -127,6 +127,14 @@ impl Esptool {
 
 /// Deterministic incompressible bytes (xorshift), so the compressed upload is
 /// as large as the data.
+fn wait_for_mode(sim: &Esp32Sim, mode: ChipMode) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sim.mode() != mode && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(sim.mode(), mode);
+}
+
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut v = Vec::with_capacity(len + 8);
@@ -187,7 +195,9 @@ fn full_session(tool: &Esptool) {
     assert_eq!(sim.mode(), ChipMode::Stub);
     let (out, _) = tool.run(&sim, 115_200, true, "flash-id", &[]);
     assert!(out.contains("already running"), "{out}");
-    assert_eq!(sim.mode(), ChipMode::Download);
+    // Leaving the stub ("Staying in bootloader") reboots into the ROM loader, which takes
+    // the ROM's start-up time: wait for it rather than race it on a loaded machine.
+    wait_for_mode(&sim, ChipMode::Download);
 
     let image = random_bytes(MIB, 0x5EED_0001);
     let file = dir.join("image.bin");

@@ -5,6 +5,7 @@
 //! negotiation answers, which the engine writes itself. The session asks the engine to encode
 //! its replies ([`Engine::reply`]) and the device's data ([`Engine::encode_data`]).
 
+pub mod esp_raw;
 pub mod rfc2217;
 pub mod telnet;
 
@@ -23,6 +24,10 @@ pub enum Event {
     ComPortEnabled,
     /// Input that was not understood; it was skipped. The text says what it was.
     Ignored(String),
+    /// Raw port: the client is esptool; put the chip into its bootloader.
+    EnterBootloader,
+    /// Raw port: the chip acknowledged CHANGE_BAUDRATE; switch the UART (no reply).
+    SwitchBaud(u32),
 }
 
 /// Telnet + RFC 2217 protocol state for one connection.

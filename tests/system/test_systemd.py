@@ -212,3 +212,32 @@ def test_unit_security_exposure_at_most_1_5():
     m = re.search(r"Overall exposure level for esp-bridge.service: ([0-9.]+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr
     assert float(m.group(1)) <= 1.5, r.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd missing")
+def test_two_passed_sockets_raw_port_matched_by_port(tmp_path):
+    sim, link = start_sim(tmp_path)
+    rfc, raw = free_port(), free_port()
+    bridge = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{rfc}", "-l", f"127.0.0.1:{raw}",
+         str(BIN), "--device", str(link), "--control", "none",
+         "--raw-listen", f"127.0.0.1:{raw}"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    log = LogReader(bridge.stderr)
+    try:
+        wait_log(log, "Listening on")
+        r = subprocess.run(
+            [str(esptool_cmd(5)), "--port", f"socket://127.0.0.1:{raw}", "chip-id"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr + log.text()
+        assert f"listening on 127.0.0.1:{raw} for ESP raw clients" in log.text()
+        assert f"listening on 127.0.0.1:{rfc} for RFC 2217 clients" in log.text()
+        # With [control] backend none the chip cannot be reset: said once, clearly.
+        assert "cannot reset the chip" in log.text()
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(10)
+        sim.terminate()
+        sim.wait(10)
