@@ -75,8 +75,11 @@ enum Command {
     CheckConfig,
     /// Serve a virtual ESP32 on this machine: no hardware needed
     Demo(crate::demo::DemoArgs),
-    /// Run only the virtual ESP32 on a pseudo-terminal (for tests and experiments)
+    /// Run only the virtual ESP32, on a pseudo-terminal or a unix socket (for tests)
     Sim(crate::demo::SimArgs),
+    /// Make the Raspberry Pi's full UART on GPIO14/15 free for the board (config.txt, cmdline.txt,
+    /// hciuart); the package runs it on install and --revert on removal
+    SetupPi(crate::setup_pi::SetupPiArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -122,6 +125,7 @@ pub fn run() -> u8 {
         },
         Command::Demo(args) => crate::demo::run_demo(args, &overrides),
         Command::Sim(args) => crate::demo::run_sim(args),
+        Command::SetupPi(args) => crate::setup_pi::run(args),
     }
 }
 

@@ -68,6 +68,15 @@ pub struct SimArgs {
     /// Make the UART as slow as a real one
     #[arg(long)]
     pace: bool,
+    /// Instead of a pseudo-terminal, connect the chip's UART to this unix stream socket (a VM's
+    /// serial port, e.g. qemu -chardev socket,path=PATH,server=on,wait=off). The host's baud
+    /// rate cannot be seen through it: the chip assumes the host is at the chip's rate
+    #[arg(long, value_name = "PATH", conflicts_with = "link")]
+    connect_unix: Option<PathBuf>,
+    /// Listen on this unix stream socket for strap changes: a line `en=low io0=high` sets both
+    /// pins at once (either alone keeps the other), `get` reads them; answers `ok`
+    #[arg(long, value_name = "PATH")]
+    control_unix: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -223,6 +232,8 @@ pub fn run_sim(args: SimArgs) -> u8 {
         event_log: args.event_log,
         flash_file: args.flash_file,
         link: args.link,
+        connect_unix: args.connect_unix,
+        control_unix: args.control_unix,
         ..SimConfig::default()
     }) {
         Ok(sim) => sim,

@@ -119,6 +119,25 @@ pub fn status(line: &str) {
     }
 }
 
+/// Whether stderr is the stream systemd connected to the journal: JOURNAL_STREAM names its
+/// device and inode. A child of a unit inherits the variable even when its own stderr goes
+/// elsewhere (a file, a pipe), and then must keep writing there.
+fn stderr_is_the_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match rustix::fs::fstat(std::io::stderr()) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
+    }
+}
+
 /// Logs to the journal when systemd connected stderr to it (JOURNAL_STREAM), with structured
 /// fields; to stderr otherwise (a terminal, tests, other init systems).
 pub fn init_logging(verbose: bool) {
@@ -130,7 +149,7 @@ pub fn init_logging(verbose: bool) {
         tracing::Level::INFO
     };
     let filter = tracing_subscriber::filter::LevelFilter::from_level(level);
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if stderr_is_the_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
         tracing_subscriber::registry()

@@ -1,4 +1,5 @@
-//! The chip itself: one thread that owns the pty master (the chip's UART),
+//! The chip itself: one thread that owns the chip's UART (a pty master or a
+//! socket, see [`super::port`]),
 //! follows the boot straps, and runs whichever firmware is active (ROM
 //! loader, flasher stub, or application).
 //!
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::app::App;
 use super::loader::{Effect, Env, Loader, ResetKind};
-use super::pty::{self, Pty};
+use super::port::Port;
 use super::slip::{self, Decoded};
 use super::uart;
 use super::{BootMode, ChipMode, Direction, Level, PinChange, Shared, SimConfig, SimEventKind};
@@ -108,7 +109,7 @@ struct RxChunk {
 
 pub(super) struct Chip {
     shared: Arc<Shared>,
-    pty: Pty,
+    port: Port,
     pace: bool,
     flash_file: Option<PathBuf>,
     power_on: BootMode,
@@ -131,10 +132,10 @@ pub(super) struct Chip {
 }
 
 impl Chip {
-    pub(super) fn new(shared: Arc<Shared>, pty: Pty, cfg: &SimConfig, start: Instant) -> Chip {
+    pub(super) fn new(shared: Arc<Shared>, port: Port, cfg: &SimConfig, start: Instant) -> Chip {
         Chip {
             shared,
-            pty,
+            port,
             pace: cfg.pace,
             flash_file: cfg.flash_file.clone(),
             power_on: cfg.power_on,
@@ -182,13 +183,10 @@ impl Chip {
                 .map(|d| d.saturating_duration_since(now))
                 .unwrap_or(IDLE_WAIT)
                 .min(IDLE_WAIT);
-            let ready = match pty::wait(
-                self.pty.master(),
-                &self.shared.wake,
-                want_read,
-                want_write,
-                Some(timeout),
-            ) {
+            let waited = self
+                .port
+                .wait(&self.shared.wake, want_read, want_write, Some(timeout));
+            let ready = match waited {
                 Ok(r) => r,
                 Err(e) => {
                     self.io_error("poll", &e);
@@ -206,7 +204,7 @@ impl Chip {
                 } else {
                     buf.len()
                 };
-                match self.pty.read(&mut buf[..max]) {
+                match self.port.read(&mut buf[..max]) {
                     Ok(0) => {}
                     Ok(n) => self.receive(&buf[..n], Instant::now()),
                     Err(e) => {
@@ -224,13 +222,15 @@ impl Chip {
 
     fn io_error(&mut self, what: &str, e: &std::io::Error) {
         if !self.io_error_logged {
-            tracing::warn!("virtual ESP32: pty {what} failed: {e}");
+            tracing::warn!("virtual ESP32: {} {what} failed: {e}", self.port.describe());
             self.io_error_logged = true;
         }
     }
 
+    /// The host's rate; where the port cannot tell, the chip's own (see
+    /// [`Port::host_baud`]).
     fn host_baud(&self) -> u32 {
-        self.pty.host_baud().unwrap_or(self.baud)
+        self.port.host_baud().unwrap_or(self.baud)
     }
 
     fn set_mode(&self, mode: ChipMode, at: Instant) {
@@ -501,10 +501,10 @@ impl Chip {
         });
     }
 
-    /// Moves queued output into the pty, garbling what the host cannot
+    /// Moves queued output into the port, garbling what the host cannot
     /// decode at its current rate, and pacing it if asked to.
     fn transmit(&mut self, now: Instant) {
-        let host_rx = self.pty.host_baud().ok();
+        let host_rx = self.port.host_baud();
         while let Some(chunk) = self.out.front_mut() {
             if !chunk.checked {
                 chunk.checked = true;
@@ -534,11 +534,11 @@ impl Chip {
             } else {
                 rest
             };
-            let written = match self.pty.write(&chunk.bytes[chunk.pos..chunk.pos + n]) {
+            let written = match self.port.write(&chunk.bytes[chunk.pos..chunk.pos + n]) {
                 Ok(w) => w,
                 Err(e) => {
                     if !self.io_error_logged {
-                        tracing::warn!("virtual ESP32: pty write failed: {e}");
+                        tracing::warn!("virtual ESP32: {} write failed: {e}", self.port.describe());
                         self.io_error_logged = true;
                     }
                     0

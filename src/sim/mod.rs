@@ -1,5 +1,7 @@
 //! A virtual ESP32 (original ESP32, ESP32-D0WD-V3 rev v3.1) at the far end of
 //! a Linux pseudo-terminal, faithful enough that the real esptool flashes it.
+//! It can also sit on a unix socket instead (a VM's serial port, see
+//! [`port`]), and take strap changes from another process ([`control_socket`]).
 //!
 //! [`Esp32Sim::start`] opens the pty and runs the chip in its own thread:
 //! boot straps on EN and IO0 ([`StrapPins`]), the ROM download mode with its
@@ -10,12 +12,15 @@
 //! changes, baud changes, wrong-rate traffic) is recorded as [`SimEvent`]s.
 //!
 //! Layout: [`slip`], [`loader`], [`regs`], [`flash`], [`uart`] and [`app`]
-//! are pure and unit-tested; [`pty`] and [`chip`] do the I/O.
+//! are pure and unit-tested; [`pty`], [`port`], [`control_socket`] and
+//! [`chip`] do the I/O.
 
 pub mod app;
 pub mod chip;
+pub mod control_socket;
 pub mod flash;
 pub mod loader;
+pub mod port;
 pub mod pty;
 pub mod regs;
 pub mod slip;
@@ -168,6 +173,13 @@ pub struct SimConfig {
     pub link: Option<PathBuf>,
     /// Load the flash from this file at start and save it back on change.
     pub flash_file: Option<PathBuf>,
+    /// Instead of a pty, connect the chip's UART to this unix stream socket
+    /// (a VM's serial port). The host's baud rate cannot be seen then; see
+    /// [`port::Port::host_baud`]. Not together with `link`.
+    pub connect_unix: Option<PathBuf>,
+    /// Listen on this unix socket for strap changes (`en=low io0=high`),
+    /// see [`control_socket`].
+    pub control_unix: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -179,6 +191,8 @@ impl Default for SimConfig {
             event_log: None,
             link: None,
             flash_file: None,
+            connect_unix: None,
+            control_unix: None,
         }
     }
 }
@@ -293,19 +307,33 @@ impl StrapPins {
     }
 }
 
-/// A running virtual ESP32. Dropping it stops the chip and removes the link.
+/// A running virtual ESP32. Dropping it stops the chip and removes the link
+/// and the control socket.
 pub struct Esp32Sim {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     slave_path: PathBuf,
     link: Option<PathBuf>,
+    control: Option<control_socket::ControlSocket>,
 }
 
 impl Esp32Sim {
     pub fn start(cfg: SimConfig) -> io::Result<Esp32Sim> {
         let start = Instant::now();
-        let pty = pty::Pty::open(chip::BOOT_BAUD)?;
-        let slave_path = pty.slave_path().to_path_buf();
+        let port = match &cfg.connect_unix {
+            Some(_) if cfg.link.is_some() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a link to the pty makes no sense when the chip is on a unix socket",
+                ));
+            }
+            Some(path) => port::Port::Unix(port::UnixPort::connect(path)?),
+            None => port::Port::Pty(pty::Pty::open(chip::BOOT_BAUD)?),
+        };
+        let slave_path = match &port {
+            port::Port::Pty(p) => p.slave_path().to_path_buf(),
+            port::Port::Unix(u) => u.path().to_path_buf(),
+        };
         let flash = match &cfg.flash_file {
             Some(path) => Flash::load_or_new(cfg.flash_size, path)?,
             None => Flash::new(cfg.flash_size),
@@ -340,7 +368,24 @@ impl Esp32Sim {
             wrong_baud_tx: AtomicU64::new(0),
             wrong_baud_frames: AtomicU64::new(0),
         });
-        let chip = chip::Chip::new(Arc::clone(&shared), pty, &cfg, start);
+        let control = match &cfg.control_unix {
+            Some(path) => {
+                let pins = StrapPins {
+                    shared: Arc::clone(&shared),
+                };
+                match control_socket::ControlSocket::start(path, pins) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        if let Some(link) = &cfg.link {
+                            let _ = std::fs::remove_file(link);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        let chip = chip::Chip::new(Arc::clone(&shared), port, &cfg, start);
         let thread = std::thread::Builder::new()
             .name("esp32-sim".into())
             .spawn(move || chip.run());
@@ -358,15 +403,17 @@ impl Esp32Sim {
             thread: Some(thread),
             slave_path,
             link: cfg.link,
+            control,
         })
     }
 
-    /// The port to open: the link if one was asked for, else `/dev/pts/N`.
+    /// The port to open: the link if one was asked for, else `/dev/pts/N`
+    /// (or the socket the chip is connected to).
     pub fn device_path(&self) -> &Path {
         self.link.as_deref().unwrap_or(&self.slave_path)
     }
 
-    /// The pty slave itself, whatever the link.
+    /// The pty slave itself, whatever the link (the socket in connect mode).
     pub fn slave_path(&self) -> &Path {
         &self.slave_path
     }
@@ -414,6 +461,8 @@ impl Esp32Sim {
 
 impl Drop for Esp32Sim {
     fn drop(&mut self) {
+        // No strap changes from outside once the chip is stopping.
+        drop(self.control.take());
         self.shared.lock().stop = true;
         self.shared.wake();
         if let Some(t) = self.thread.take() {
@@ -446,7 +495,7 @@ mod tests {
     }
 
     /// Reads until `want` shows up (or `limit` passes); returns all that came.
-    fn read_until(f: &File, want: &[u8], limit: Duration) -> Vec<u8> {
+    fn read_until(f: &impl std::os::fd::AsFd, want: &[u8], limit: Duration) -> Vec<u8> {
         let t = Instant::now();
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
@@ -757,6 +806,192 @@ mod tests {
                 .iter()
                 .any(|l| l.ends_with("\"event\":\"mode\",\"mode\":\"download\"}"))
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    /// A fresh directory for sockets; short, since a socket path must fit in 108 bytes.
+    fn socket_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("esp-sim-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Plays qemu's `-chardev socket,server=on`: listens, lets the sim connect.
+    fn sim_on_socket(dir: &Path, cfg: SimConfig) -> (Esp32Sim, std::os::unix::net::UnixStream) {
+        let path = dir.join("ttyS1.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let sim = Esp32Sim::start(SimConfig {
+            connect_unix: Some(path.clone()),
+            ..cfg
+        })
+        .unwrap();
+        assert_eq!(sim.device_path(), path);
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        (sim, stream)
+    }
+
+    #[test]
+    fn on_a_unix_socket_the_loader_runs_and_the_host_is_assumed_at_the_chips_rate() {
+        let dir = socket_dir("unix-loader");
+        let (sim, mut host) = sim_on_socket(
+            &dir,
+            SimConfig {
+                power_on: BootMode::Download,
+                ..SimConfig::default()
+            },
+        );
+        let out = read_until(&host, b"waiting for download\r\n", Duration::from_secs(2));
+        assert!(contains(&out, b"waiting for download\r\n"), "{out:?}");
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &[0x55, 0, 0, 0, 0, 0xC0], Duration::from_secs(1));
+        assert!(contains(&out, &[0xC0, 1, 8, 4, 0]), "{out:?}");
+        // A baud change: nothing tells the chip the host's new rate, so it
+        // assumes the host followed, and the next frame is understood.
+        host.write_all(&command(
+            loader::op::CHANGE_BAUDRATE,
+            &words(&[921_600, 0]),
+            0,
+        ))
+        .unwrap();
+        let out = read_until(&host, &[0xC0, 1, 0x0F], Duration::from_secs(1));
+        assert!(contains(&out, &[0xC0, 1, 0x0F]), "{out:?}");
+        assert_eq!(sim.baud(), 921_600);
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &[0x55, 0, 0, 0, 0, 0xC0], Duration::from_secs(1));
+        assert!(contains(&out, &[0xC0, 1, 8, 4, 0]), "{out:?}");
+        assert_eq!(sim.wrong_baud_bytes(), 0);
+        assert_eq!(sim.wrong_baud_tx_bytes(), 0);
+        drop(sim);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn on_a_unix_socket_pacing_still_takes_the_wire_time() {
+        let dir = socket_dir("unix-pace");
+        let (sim, mut host) = sim_on_socket(
+            &dir,
+            SimConfig {
+                power_on: BootMode::Download,
+                pace: true,
+                ..SimConfig::default()
+            },
+        );
+        wait_mode(&sim, ChipMode::Download);
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        let frame = sync();
+        let t = Instant::now();
+        host.write_all(&frame).unwrap();
+        let mut got = Vec::new();
+        while got
+            .windows(6)
+            .filter(|w| *w == [0x55, 0, 0, 0, 0, 0xC0])
+            .count()
+            < 8
+            && t.elapsed() < Duration::from_secs(1)
+        {
+            got.extend(read_until(&host, b"", Duration::from_millis(1)));
+        }
+        let took = t.elapsed();
+        let wire = uart::wire_time(frame.len() + 8 * 14, 115_200);
+        assert!(took >= wire, "{took:?} < {wire:?}");
+        assert!(took < wire + Duration::from_millis(100), "{took:?}");
+        drop(sim);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_socket_or_a_link_with_it_is_refused() {
+        let dir = socket_dir("unix-refused");
+        let Err(e) = Esp32Sim::start(SimConfig {
+            connect_unix: Some(dir.join("nobody")),
+            ..SimConfig::default()
+        }) else {
+            panic!("started on a socket nobody listens on");
+        };
+        assert!(e.to_string().contains("nobody"), "{e}");
+        let Err(e) = Esp32Sim::start(SimConfig {
+            connect_unix: Some(dir.join("nobody")),
+            link: Some(dir.join("link")),
+            ..SimConfig::default()
+        }) else {
+            panic!("started with a link to no pty");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Sends one request line to the control socket and returns the answer.
+    fn ask(conn: &mut std::os::unix::net::UnixStream, line: &str) -> String {
+        use std::io::BufRead as _;
+        conn.write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(&*conn)
+            .read_line(&mut answer)
+            .unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_control_socket_sets_both_straps_at_once() {
+        let dir = socket_dir("control");
+        let path = dir.join("control.sock");
+        // A socket left over from a run that died is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let sim = Esp32Sim::start(SimConfig {
+            control_unix: Some(path.clone()),
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::App);
+        let mut conn = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(ask(&mut conn, "en=low io0=low\n"), "ok\n");
+        assert_eq!(sim.pins().levels(), (Level::Low, Level::Low));
+        // The chip thread acts on the edge a moment after the answer.
+        wait_mode(&sim, ChipMode::Reset);
+        assert_eq!(
+            event_time(&sim, &SimEventKind::En(Level::Low)),
+            event_time(&sim, &SimEventKind::Io0(Level::Low)),
+            "one request, one instant"
+        );
+        // EN alone: IO0 stays low, so the chip latches download mode.
+        assert_eq!(ask(&mut conn, "en=high\r\n"), "ok\n");
+        wait_mode(&sim, ChipMode::Download);
+        let out = read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        assert!(contains(&out, b"waiting for download"), "{out:?}");
+        assert_eq!(ask(&mut conn, "get\n"), "en=high io0=low\n");
+        let answer = ask(&mut conn, "reset please\n");
+        assert!(answer.starts_with("error: "), "{answer}");
+        // A second client at the same time is served too.
+        let mut other = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(ask(&mut other, "io0=1\n"), "ok\n");
+        assert_eq!(ask(&mut conn, "get\n"), "en=high io0=high\n");
+        drop(sim);
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "socket removed on drop"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_control_socket_never_replaces_a_file_that_is_not_a_socket() {
+        let dir = socket_dir("control-file");
+        let path = dir.join("precious");
+        std::fs::write(&path, b"data").unwrap();
+        let Err(e) = Esp32Sim::start(SimConfig {
+            control_unix: Some(path.clone()),
+            ..SimConfig::default()
+        }) else {
+            panic!("replaced a regular file");
+        };
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,96 @@
+"""Fixtures for the VM system tests: a real Debian bookworm booted under qemu (tests/vm/vm.py),
+with systemd, journald, gpio-sim and a real kernel UART on /dev/ttyS1.
+
+Run them with tests/vm/run (it builds the image first, as root). Every test here is marked
+`vm`. Environment, beside vm.py's own (ESP_BRIDGE_CACHE, ESP_BRIDGE_VM_*):
+  ESP_BRIDGE_BIN     the binary under test, copied into the guest (default target/release/...)
+  ESP_BRIDGE_VENV5   a venv with esptool 5.x on the host
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import vm as vmlib  # noqa: E402
+
+
+def _system_helpers():
+    """tests/system/conftest.py as a plain module (its helpers, not its fixtures), under a name
+    of its own so it cannot clash with either conftest."""
+    path = ROOT / "tests" / "system" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("esp_bridge_system_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+system = _system_helpers()
+BIN = system.BIN
+LogReader = system.LogReader
+esptool_cmd = system.esptool_cmd
+GUEST_HELPERS = HERE / "guest"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vm: boots the Debian VM image under qemu (run with tests/vm/run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(HERE):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def vm_image():
+    """The image directory; built by tests/vm/build-image if missing or out of date."""
+    try:
+        return vmlib.build_image()
+    except vmlib.VMError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def esp_bridge_bin():
+    if not BIN.exists():
+        pytest.fail(f"{BIN} is missing: run 'cargo build --release' (or set ESP_BRIDGE_BIN)", pytrace=False)
+    return BIN
+
+
+@pytest.fixture
+def boot(vm_image, tmp_path, request):
+    """boot(guest_script, forwards=(), files=(), **vm_kwargs) -> a started vm.VM.
+
+    files: host paths to copy into the share; the guest helpers (tests/vm/guest/*) are always
+    there, e.g. /mnt/host/gpio-sim-pi.sh. The VM is killed after the test; if the test failed,
+    the guest's log, console and journal are printed."""
+    started = []
+
+    def start(guest_script, forwards=(), files=(), **kwargs):
+        v = vmlib.VM(vm_image, tmp_path / f"vm{len(started)}", forwards=forwards, **kwargs)
+        started.append(v)
+        for helper in sorted(GUEST_HELPERS.iterdir()):
+            v.put(helper)
+        for f in files:
+            v.put(f)
+        return v.start(guest_script)
+
+    yield start
+    failed = any(getattr(request.node, f"rep_{w}", None) and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+    for v in started:
+        v.close()
+        if failed:
+            print(f"\n===== VM diagnostics ({v.work}) =====\n{v.diagnostics()}", file=sys.stderr)
