@@ -86,8 +86,9 @@ class Bridge:
         )
         self.log = LogReader(self.proc.stderr)
         # The log line, not a probe connection: a probe would be a client session of its own.
+        # "control lines:" is logged once every listener is bound.
         deadline = time.monotonic() + 10
-        while f"listening on 127.0.0.1:{port}" not in self.log.text():
+        while "control lines:" not in self.log.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"esp-bridge did not start (exit {self.proc.poll()}):\n{self.log.text()}"
@@ -188,11 +189,15 @@ def demo(tmp_path):
 
     def start(*extra):
         port = free_port()
+        raw_port = free_port()
         events = tmp_path / f"events-{port}.jsonl"
         b = Bridge(
-            ["demo", "--listen", f"127.0.0.1:{port}", "--event-log", str(events), *extra], port
+            ["demo", "--listen", f"127.0.0.1:{port}", "--raw-listen", f"127.0.0.1:{raw_port}",
+             "--event-log", str(events), *extra],
+            port,
         )
         b.events = events
+        b.raw_port = raw_port
         started.append(b)
         return b
 

@@ -24,15 +24,8 @@ def raw_url(bridge):
 
 @pytest.fixture
 def raw_demo(demo):
-    from conftest import free_port
-
-    def start(*extra):
-        raw = free_port()
-        bridge = demo("--raw-listen", f"127.0.0.1:{raw}", *extra)
-        bridge.raw_port = raw
-        return bridge
-
-    return start
+    """The demo fixture already serves a raw port of its own (bridge.raw_port)."""
+    return demo
 
 
 def esptool_raw(version, bridge, *args, baud=None, stub=True):
