@@ -154,7 +154,13 @@ pub fn init_logging(verbose: bool) {
     {
         tracing_subscriber::registry()
             .with(filter)
-            .with(journald.with_syslog_identifier("esp-bridge".into()))
+            // Fields as they are named in the code (SESSION, PEER, ...), without journald's
+            // default "F_" prefix: what `journalctl -o verbose` users will look for.
+            .with(
+                journald
+                    .with_syslog_identifier("esp-bridge".into())
+                    .with_field_prefix(None),
+            )
             .init();
         return;
     }
