@@ -26,6 +26,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SerialConfig {
+    #[serde(deserialize_with = "device_path")]
     pub device: PathBuf,
     pub baud: BaudRate,
     pub data_bits: DataBits,
@@ -231,6 +232,19 @@ impl<'de> Deserialize<'de> for LineSpec {
             }
         }
         d.deserialize_any(Visitor)
+    }
+}
+
+/// A device path must be absolute: a relative one would depend on the service's working
+/// directory, and an empty one is a forgotten value.
+fn device_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.starts_with('/') {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "device {s:?} is not an absolute path: give the serial device, e.g. \"/dev/serial0\" or \"/dev/ttyUSB0\""
+        )))
     }
 }
 

@@ -31,6 +31,13 @@ fn locate(spec: &LineSpec, chip: Option<&str>, key: &str) -> Result<Located, Str
     match spec {
         LineSpec::Name(name) => {
             let found = gpiocdev::find_named_line(name).ok_or_else(|| {
+                // Chips we may not open hide their lines: say so rather than "not found".
+                if let Some(chip) = unreadable_chip() {
+                    return format!(
+                        "GPIO line \"{name}\" ([control.gpio] {key}) could not be looked up: no permission to open {}: run esp-bridge as a member of group gpio (the packaged unit does), or fix the device's permissions",
+                        chip.display()
+                    );
+                }
                 format!(
                     "GPIO line \"{name}\" ([control.gpio] {key}) was not found on any gpiochip: check the name with `gpioinfo` (on a Raspberry Pi the header pins are called GPIO0..GPIO27), or give chip = \"gpiochip0\" and the line's offset"
                 )
@@ -102,13 +109,14 @@ impl GpioLines {
                 reset.name
             ));
         }
-        if let Some(consumer) = consumer_of(&reset.chip, &[reset.offset, boot.offset]) {
-            return Err(format!(
-                "GPIO lines {} and {} on {} are in use by \"{consumer}\": stop that program (see `gpioinfo`), or choose other lines in [control.gpio]",
-                reset.name,
-                boot.name,
-                reset.chip.display()
-            ));
+        for (line, key) in [(&reset, "reset"), (&boot, "boot")] {
+            if let Some(consumer) = consumer_of(&line.chip, line.offset) {
+                return Err(format!(
+                    "GPIO line {} ([control.gpio] {key}) on {} is in use by \"{consumer}\": stop that program (`gpioinfo` lists consumers), or wire and configure another line",
+                    line.name,
+                    line.chip.display()
+                ));
+            }
         }
         let mut builder = Request::builder();
         builder
@@ -148,19 +156,37 @@ impl GpioLines {
     }
 }
 
-/// The consumer holding any of `offsets`, if one does.
-fn consumer_of(chip: &std::path::Path, offsets: &[Offset]) -> Option<String> {
+/// The consumer holding line `offset`, if one does.
+fn consumer_of(chip: &std::path::Path, offset: Offset) -> Option<String> {
     let chip = gpiocdev::chip::Chip::from_path(chip).ok()?;
-    offsets.iter().find_map(|&o| {
-        let info = chip.line_info(o).ok()?;
-        info.used.then(|| {
-            if info.consumer.is_empty() {
-                "an unnamed consumer".to_string()
-            } else {
-                info.consumer
-            }
-        })
+    let info = chip.line_info(offset).ok()?;
+    info.used.then(|| {
+        if info.consumer.is_empty() {
+            "an unnamed consumer".to_string()
+        } else {
+            info.consumer
+        }
     })
+}
+
+/// A gpiochip device this process may not open, if there is one.
+fn unreadable_chip() -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/dev").ok()?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("gpiochip"))
+        })
+        .find(|p| {
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(p)
+                .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+        })
 }
 
 fn value(asserted: bool) -> Value {

@@ -89,6 +89,12 @@ fn bad_configs_exit_78_naming_file_line_and_key() {
             "50 to 20000000",
         ),
         (
+            "device.toml",
+            "[serial]\ndevice = \"\"\n",
+            "line 2",
+            "absolute path",
+        ),
+        (
             "line.toml",
             "[control.gpio]\nreset = \"\"\n",
             "line 2",

@@ -87,6 +87,23 @@ backend = "gpio"
 EOF
 chmod 644 /etc/esp-bridge.toml
 esp-bridge check-config
+
+say "start-up errors name the key and the fix (exit 78)"
+gpioset --mode=signal "$GPIOSIM_CHIP" 22=1 &
+holder=$!
+sleep 1
+rc=0; out=$(env -u JOURNAL_STREAM timeout 20 esp-bridge --listen 127.0.0.1:9999 2>&1) || rc=$?
+kill $holder; wait $holder || true
+echo "line held by gpioset: rc=$rc: $out"
+[ $rc = 78 ] || fail "a busy line should exit 78, got $rc"
+grep -q 'in use by "gpioset"' <<<"$out" || fail "the consumer is not named"
+grep -qF '[control.gpio] reset' <<<"$out" || fail "the config key is not named"
+rc=0; out=$(env -u JOURNAL_STREAM setpriv --reuid=nobody --regid=nogroup --clear-groups \
+    timeout 20 esp-bridge --listen 127.0.0.1:9999 2>&1) || rc=$?
+echo "without the gpio group: rc=$rc: $out"
+[ $rc = 78 ] || fail "no permission should exit 78, got $rc"
+grep -q "no permission to open $GPIOSIM_DEV" <<<"$out" || fail "the permission problem is not named"
+grep -q "group gpio" <<<"$out" || fail "the fix is not named"
 systemctl daemon-reload
 systemctl enable --now esp-bridge.socket
 systemctl enable --now esp-bridge.socket   # idempotent
