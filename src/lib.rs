@@ -19,6 +19,7 @@ pub mod reset;
 pub mod serial;
 pub mod server;
 pub mod session;
+pub mod setup_pi;
 pub mod shutdown;
 pub mod sim;
 pub mod systemd;
