@@ -148,6 +148,7 @@ EXPECTED_FILES = {
     "usr/lib/systemd/system/esp-bridge.service": (0o644, "packaging/esp-bridge.service"),
     "usr/lib/systemd/system/esp-bridge.socket": (0o644, "packaging/esp-bridge.socket"),
     "usr/share/man/man1/esp-bridge.1.gz": (0o644, None),
+    "usr/lib/udev/rules.d/60-esp-bridge-gpio.rules": (0o644, "packaging/60-esp-bridge-gpio.rules"),
     "usr/share/doc/esp-bridge/copyright": (0o644, "debian/copyright"),
     "usr/share/doc/esp-bridge/changelog.Debian.gz": (0o644, None),
     "usr/share/doc/esp-bridge/README.md": (0o644, "README.md"),
