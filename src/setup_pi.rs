@@ -57,6 +57,10 @@ pub struct SetupPiArgs {
     /// Print what would be done; change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Treat the system as a Raspberry Pi even though /proc/device-tree/model does not say so:
+    /// for building an SD-card image in a chroot, where /proc is the build machine's
+    #[arg(long)]
+    assume_pi: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,7 +744,7 @@ pub fn run(args: SetupPiArgs) -> u8 {
     let result = if args.revert {
         revert(&sys, args.dry_run)
     } else {
-        apply(&sys, args.dry_run)
+        apply(&sys, args.dry_run, args.assume_pi)
     };
     match result {
         Ok(()) => exit::OK,
@@ -757,8 +761,12 @@ struct FilePlan {
     outcome: Outcome,
 }
 
-fn apply(sys: &System, dry_run: bool) -> Result<(), String> {
-    let model = sys.pi_model()?;
+fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), String> {
+    let model = match sys.pi_model() {
+        Ok(model) => model,
+        Err(_) if assume_pi => "a Raspberry Pi (assumed: --assume-pi)".to_string(),
+        Err(e) => return Err(e),
+    };
     let boot = sys.boot_dir()?;
     let config_path = format!("{boot}/config.txt");
     let cmdline_path = format!("{boot}/cmdline.txt");

@@ -1,0 +1,198 @@
+"""The .deb in a booted Debian that looks like a Raspberry Pi: apt install, the socket
+listening, the boot files changed and backed up, a flash through the forwarded ports with
+resets through gpio-sim lines named like the Pi's, a pin remapped in the TOML, an upgrade that
+keeps the edited config, and apt purge restoring the boot files byte for byte."""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import vm as vmlib
+from conftest import ROOT, LogReader, esptool_cmd
+from test_vm_service import run_esptool, stop
+
+FIXTURE = ROOT / "tests" / "fixtures" / "pi" / "bookworm" / "root" / "boot" / "firmware"
+
+# EN is wired to GPIO22 first and to GPIO27 after the remap; the other one floats high on its
+# pull-up, so the board's EN is low when either is. Every change is relayed to the host chip.
+WATCHER = r"""
+import os, sys, time, termios, tty as ttymod
+paths = dict(zip(("g22", "g27", "g10"), sys.argv[1:4]))
+log = open(sys.argv[4], "a", buffering=1)
+port = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY)
+ttymod.setraw(port)
+def high(p):
+    with open(p) as f:
+        return f.read(1) == "1"
+last = None
+while not os.path.exists("/run/watcher-stop"):
+    v = {k: high(p) for k, p in paths.items()}
+    now = (v["g22"] and v["g27"], v["g10"])
+    if now != last:
+        en, io0 = ("high" if now[0] else "low"), ("high" if now[1] else "low")
+        os.write(port, f"en={en} io0={io0}\n".encode())
+        answer = b""
+        while not answer.endswith(b"\n"):
+            answer += os.read(port, 64)
+        log.write(f"{time.monotonic():.6f} g22={int(v['g22'])} g27={int(v['g27'])} g10={int(v['g10'])}\n")
+        last = now
+    time.sleep(0.0005)
+"""
+
+GUEST_SCRIPT = r"""
+set -euo pipefail
+H=/mnt/host
+say() { echo "== $* (uptime $(cut -d' ' -f1 /proc/uptime)s)"; }
+fail() { echo "FAIL: $*"; exit 1; }
+wait_host() { for _ in $(seq 1 9000); do [ -e "$H/$1" ] && return; sleep 0.1; done; fail "no $1 from the host"; }
+systemctl is-system-running --wait >/dev/null || { systemctl --failed --no-pager; fail "system not running"; }
+
+say "a Raspberry Pi's boot files (Bookworm layout)"
+mkdir -p /boot/firmware
+cp $H/config.txt $H/cmdline.txt /boot/firmware/
+cp /boot/firmware/config.txt /root/config.orig
+cp /boot/firmware/cmdline.txt /root/cmdline.orig
+
+say "GPIO lines named like the Pi's, pulled up like a board's"
+eval "$(bash $H/gpio-sim-pi.sh)"
+for p in "$GPIO22_PULL" "$GPIO27_PULL" "$GPIO10_PULL"; do echo pull-up > "$p"; done
+stty -F /dev/ttyS2 115200 raw -echo
+python3 $H/watcher.py "$GPIO22_VALUE" "$GPIO27_VALUE" "$GPIO10_VALUE" $H/straps.log &
+
+say "apt install ./esp-bridge.deb"
+# This x86 VM has no device tree: tell the package it is setting up a Pi, as an image build does.
+ESP_BRIDGE_SETUP_PI=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q $H/esp-bridge-1.deb
+systemctl is-active esp-bridge.socket || fail "the socket is not active after install"
+ss -Hltn | grep -q ':2217 ' || fail "nothing listens on 2217"
+ss -Hltn | grep -q ':2218 ' || fail "nothing listens on 2218"
+systemctl is-active esp-bridge.service && fail "the service runs before any client connected"
+systemctl enable --now esp-bridge.socket
+systemctl enable --now esp-bridge.socket
+grep -qx 'enable_uart=1' /boot/firmware/config.txt || fail "enable_uart=1 missing"
+grep -qx 'dtoverlay=disable-bt' /boot/firmware/config.txt || fail "dtoverlay=disable-bt missing"
+grep -q 'console=serial0' /boot/firmware/cmdline.txt && fail "serial console still on cmdline.txt"
+grep -q 'console=tty1' /boot/firmware/cmdline.txt || fail "cmdline.txt lost console=tty1"
+ls -R /var/lib/esp-bridge
+[ -n "$(find /var/lib/esp-bridge -name 'config.txt*' -type f)" ] || fail "no backup of config.txt"
+[ -e /run/reboot-required ] || fail "no reboot-required notice"
+getent group gpio >/dev/null || fail "group gpio was not created"
+[ "$(stat -c %G "$GPIOSIM_DEV")" = gpio ] || fail "$GPIOSIM_DEV is not group gpio: $(ls -l $GPIOSIM_DEV)"
+
+say "configure the UART of this VM (a Pi uses /dev/serial0)"
+sed -i 's|^device = .*|device = "/dev/ttyS1"|' /etc/esp-bridge.toml
+esp-bridge check-config
+touch $H/ready-1
+wait_host phase-1-done
+
+say "remap EN from GPIO22 to GPIO27"
+sed -i 's|^reset = "GPIO22"|reset = "GPIO27"|' /etc/esp-bridge.toml
+systemctl restart esp-bridge.service
+touch $H/ready-2
+wait_host phase-2-done
+journalctl -u esp-bridge.service --no-pager | grep -q 'GPIO27 (EN)' || fail "the restarted service does not use GPIO27"
+
+say "upgrade to a higher version keeps the edited config"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q $H/esp-bridge-2.deb
+dpkg-query -W -f='${Version}\n' esp-bridge | tee $H/version-after-upgrade
+grep -q '^reset = "GPIO27"' /etc/esp-bridge.toml || fail "the upgrade lost the edited config"
+systemctl is-active esp-bridge.socket || fail "the socket is not active after the upgrade"
+
+say "apt purge"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q esp-bridge
+cmp /root/config.orig /boot/firmware/config.txt || fail "config.txt not restored byte for byte"
+cmp /root/cmdline.orig /boot/firmware/cmdline.txt || fail "cmdline.txt not restored byte for byte"
+for f in /usr/bin/esp-bridge /etc/esp-bridge.toml /var/lib/esp-bridge \
+         /usr/lib/systemd/system/esp-bridge.socket /usr/lib/systemd/system/esp-bridge.service \
+         /etc/systemd/system/sockets.target.wants/esp-bridge.socket; do
+    [ -e "$f" ] && fail "$f left behind after purge"
+done
+systemctl list-unit-files --no-legend | grep -q esp-bridge && fail "units still known after purge"
+ss -Hltn | grep -q ':2217 ' && fail "still listening on 2217 after purge"
+getent passwd esp-bridge && fail "a user esp-bridge was left"
+touch /run/watcher-stop
+say "done"
+"""
+
+
+def repack_with_version(deb, version, out):
+    """The same package rebuilt under a higher version, as an upgrade would bring."""
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["dpkg-deb", "-R", str(deb), f"{d}/p"], check=True)
+        control = Path(d, "p", "DEBIAN", "control")
+        lines = [f"Version: {version}" if l.startswith("Version:") else l
+                 for l in control.read_text().splitlines()]
+        control.write_text("\n".join(lines) + "\n")
+        subprocess.run(["dpkg-deb", "--root-owner-group", "-b", f"{d}/p", str(out)],
+                       check=True, capture_output=True)
+
+
+def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
+    esptool_cmd(5)
+    debs = sorted((ROOT / "target" / "debian").glob("esp-bridge_*_amd64.deb"))
+    if not debs:
+        pytest.fail("no amd64 .deb: run scripts/build-debs amd64 first", pytrace=False)
+    deb1 = tmp_path / "esp-bridge-1.deb"
+    shutil.copy(debs[-1], deb1)
+    version = subprocess.run(["dpkg-deb", "-f", str(deb1), "Version"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    upstream, _, revision = version.rpartition("-")
+    deb2 = tmp_path / "esp-bridge-2.deb"
+    repack_with_version(deb1, f"{upstream}-{int(revision) + 1}", deb2)
+    watcher = tmp_path / "watcher.py"
+    watcher.write_text(WATCHER)
+    v = boot(GUEST_SCRIPT, forwards=[2217, 2218],
+             files=[deb1, deb2, watcher, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
+             ttyS2=True, timeout=1500)
+    events = tmp_path / "events.jsonl"
+    sim = subprocess.Popen(
+        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--boot", "app",
+         "--control-unix", str(v.ttyS2), "--event-log", str(events)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=vmlib.die_with_parent,
+    )
+    sim_log = LogReader(sim.stderr)
+
+    def context():
+        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps ---\n{v.read('straps.log', '')}"
+                f"\n--- guest ---\n{v.guest_log()}")
+
+    cfg = tmp_path / "esptool.cfg"
+    cfg.write_text("[esptool]\nsync_timeout = 2\nmem_end_rom_timeout = 2\ntimeout = 10\n")
+    image = tmp_path / "app.bin"
+    image.write_bytes(os.urandom(64 * 1024))
+    try:
+        try:
+            v.wait_for_file("ready-1", timeout=1200)
+        except Exception as e:
+            pytest.fail(f"{e}{context()}", pytrace=False)
+        rfc = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
+        raw = f"socket://127.0.0.1:{v.host_port(2218)}"
+        rc, out = run_esptool(rfc, "write-flash", "0x10000", str(image), cfg=cfg)
+        assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
+        rc, out = run_esptool(raw, "verify-flash", "0x10000", str(image), cfg=cfg)
+        assert rc == 0 and "digest matched" in out, f"{out}{context()}"
+        v.signal("phase-1-done")
+        try:
+            v.wait_for_file("ready-2", timeout=300)
+        except Exception as e:
+            pytest.fail(f"{e}{context()}", pytrace=False)
+        rc, out = run_esptool(rfc, "chip-id", cfg=cfg)
+        assert rc == 0, f"after the remap:\n{out}{context()}"
+    finally:
+        v.signal("phase-1-done")
+        v.signal("phase-2-done")
+    guest_rc = v.wait_exit(timeout=600)
+    stop(sim)
+    assert guest_rc == 0, f"guest script failed ({guest_rc})\n{v.diagnostics()}{context()}"
+    # Resets came through GPIO22 before the remap and through GPIO27 after it.
+    straps = v.read("straps.log", "").splitlines()
+    assert any("g22=0" in l for l in straps), straps
+    assert any("g27=0" in l for l in straps), straps
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    modes = [e["mode"] for e in log if e["event"] == "mode"]
+    assert modes.count("download") >= 3, modes
+    assert v.read("version-after-upgrade", "").strip().endswith(f"-{int(revision) + 1}")
