@@ -38,6 +38,8 @@ const MODEM_POLL: Duration = Duration::from_millis(200);
 /// How long a closing session may take to hand its last bytes over (to the UART, then to
 /// the client) before it gives up on them.
 const LINGER: Duration = Duration::from_secs(2);
+/// Baud rate changes per session logged at info level; the rest go to debug.
+const BAUD_CHANGES_LOGGED: u64 = 10;
 
 /// Why a session was asked to stop from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,12 @@ impl std::fmt::Display for EndReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EndReason::ClientClosed => write!(f, "client disconnected"),
+            // ETIMEDOUT on a socket with keepalive and a user timeout: the peer vanished
+            // without closing (unplugged, Wi-Fi lost). Said plainly, as that is the usual case.
+            EndReason::ClientError(e) if e.kind() == io::ErrorKind::TimedOut => write!(
+                f,
+                "client stopped answering: no acknowledgement within the keepalive time ({e}); it vanished without closing the connection"
+            ),
             EndReason::ClientError(e) => write!(f, "client connection failed: {e}"),
             EndReason::DeviceGone(e) => write!(f, "serial device failed or vanished: {e}"),
             EndReason::Stopped(StopRequest::Shutdown) => write!(f, "service shutting down"),
@@ -141,6 +149,8 @@ pub struct Session<U: Uart> {
     to_device: u64,
     to_client: u64,
     ignored: u64,
+    /// Baud rate changes applied in this session (only the first few are logged at info).
+    baud_changes: u64,
     events: Vec<Event>,
     net_buf: Vec<u8>,
     dev_buf: Vec<u8>,
@@ -183,6 +193,7 @@ impl<U: Uart> Session<U> {
             to_device: 0,
             to_client: 0,
             ignored: 0,
+            baud_changes: 0,
             events: Vec::new(),
             net_buf: vec![0; READ_CHUNK],
             dev_buf: vec![0; READ_CHUNK],
@@ -223,6 +234,17 @@ impl<U: Uart> Session<U> {
     /// Hands over what can still be handed over, tells the client why it ends, and releases
     /// the control lines.
     async fn finish(&mut self, reason: &EndReason) {
+        // A client that sent IAC SB and never IAC SE is broken or hostile (a slowloris);
+        // the operator looking at a stuck port wants to know which it was.
+        if let Framing::Rfc2217(engine) = &self.framing
+            && engine.in_subnegotiation()
+        {
+            tracing::warn!(
+                session = self.info.id,
+                peer = %self.info.peer,
+                "client left in the middle of a subnegotiation (IAC SB without IAC SE): a broken or hostile client"
+            );
+        }
         let device_ok = !matches!(reason, EndReason::DeviceGone(_));
         if device_ok {
             // Input the client sent before it left (or before the stop) still goes out.
@@ -522,15 +544,34 @@ impl<U: Uart> Session<U> {
         }
         match self.uart.set_baud(baud) {
             Ok(()) => {
-                tracing::info!(
-                    session = self.info.id,
+                self.log_baud_change(
                     baud,
-                    "raw port: the chip switched to {baud} baud; so does the UART"
+                    format!("raw port: the chip switched to {baud} baud; so does the UART"),
                 );
                 self.settings.baud = baud;
                 crate::systemd::status(&format!("serving {} at {baud} baud", self.info.peer.ip()));
             }
             Err(e) => self.device_failed(&format!("the device refused baud rate {baud}"), e),
+        }
+    }
+
+    /// Logs a baud rate change: the first few of a session at info (esptool makes two or
+    /// three), then a notice, then at debug, so that a client alternating SET-BAUDRATE values
+    /// in a loop cannot write a line per command into the journal. The closing line of the
+    /// session still says the last rate.
+    fn log_baud_change(&mut self, baud: u32, what: String) {
+        self.baud_changes += 1;
+        let id = self.info.id;
+        if self.baud_changes <= BAUD_CHANGES_LOGGED {
+            tracing::info!(session = id, baud, "{what}");
+        } else if self.baud_changes == BAUD_CHANGES_LOGGED + 1 {
+            tracing::info!(
+                session = id,
+                baud,
+                "{what}; further baud rate changes of this session are logged at debug level"
+            );
+        } else {
+            tracing::debug!(session = id, baud, "{what}");
         }
     }
 
@@ -564,12 +605,9 @@ impl<U: Uart> Session<U> {
                 if baud != 0 && baud != self.settings.baud {
                     match self.uart.set_baud(baud) {
                         Ok(()) => {
-                            tracing::info!(
-                                session = self.info.id,
-                                baud,
-                                "baud rate changed from {} to {baud}",
-                                self.settings.baud
-                            );
+                            let what =
+                                format!("baud rate changed from {} to {baud}", self.settings.baud);
+                            self.log_baud_change(baud, what);
                             self.settings.baud = baud;
                             crate::systemd::status(&format!(
                                 "serving {} at {baud} baud",
