@@ -1,26 +1,25 @@
 #!/usr/bin/env python3
 """A short bridge session against a packaged esp-bridge binary, natively or under qemu-user.
 
-    bridge_session.py [--qemu-limited] -- RUNNER... BINARY
+    bridge_session.py -- RUNNER... BINARY
 
 starts `BINARY --device <a pty made here> --listen 127.0.0.1:PORT --control none` (prefixed
 by RUNNER, e.g. `qemu-arm -cpu arm1176`), connects a raw TCP client, sends bytes through to
-the pty and bytes from the pty back to the client, then stops the bridge with SIGTERM and
-expects exit status 0.
+the pty and bytes from the pty back to the client, sets a baud rate only termios2 can express
+(250000, through RFC 2217 SET-BAUDRATE) and reads it back from the pty, then stops the bridge
+with SIGTERM and expects exit status 0.
 
-qemu-user (up to at least QEMU 10.0) answers the TCGETS2 ioctl, with which serialport
-configures every tty, with ENOSYS. With --qemu-limited, a bridge that gets that far and
-tells the client exactly that ("cannot open serial device ...: Function not implemented")
-passes with a note: everything up to opening the device was exercised (start-up, config,
-listening, accepting, telling the client, SIGTERM). scripts/build-debs uses it for the
-static armhf binary, which an LD_PRELOAD shim (termios2_shim.c) cannot reach.
+Under qemu-user this needs QEMU 10.2 or later: older ones answer TCGETS2, with which serialport
+configures every tty, with ENOSYS (scripts/build-debs fetches one).
 
 Used by scripts/build-debs (not collected by pytest).
 """
 
+import fcntl
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,18 @@ import time
 
 TO_DEVICE = b"hello ESP32 \x00\x01\x7f\x80 from the client\n"
 FROM_DEVICE = b"ets Jun  8 2016 00:22:57\r\nrst:0x1 (POWERON_RESET),boot:0x13\r\n"
-NO_TERMIOS2 = b"Function not implemented"
+ODD_BAUD = 250000
+# RFC 2217 SET-BAUDRATE (client 1, server reply 101) inside a telnet subnegotiation.
+IAC, SB, SE, COM_PORT_OPTION = 255, 250, 240, 44
+SET_BAUDRATE = bytes([IAC, SB, COM_PORT_OPTION, 1]) + struct.pack(">I", ODD_BAUD) + bytes([IAC, SE])
+BAUDRATE_REPLY = bytes([IAC, SB, COM_PORT_OPTION, 101]) + struct.pack(">I", ODD_BAUD)
+# struct termios2: 4 flags, c_line, 19 control chars, then the exact input and output speeds.
+TERMIOS2 = struct.Struct("4I B 19s 2I")
+TCGETS2 = 0x802C542A
+
+
+def device_speed(master):
+    return TERMIOS2.unpack(fcntl.ioctl(master, TCGETS2, bytes(TERMIOS2.size)))[-1]
 
 
 def free_port():
@@ -85,7 +95,6 @@ def read_client(conn, until, seconds):
 
 
 def main(argv):
-    limited_ok = "--qemu-limited" in argv
     if "--" not in argv:
         raise SystemExit(__doc__)
     command = argv[argv.index("--") + 1 :]
@@ -108,26 +117,26 @@ def main(argv):
                 # that, so that a refusal is read before our bytes could make the close a reset.
                 conn.settimeout(15)
                 told = conn.recv(4096)
-                at_device = b""
-                if NO_TERMIOS2 not in told:
-                    conn.sendall(TO_DEVICE)
-                    at_device, more = read_pty(master, len(TO_DEVICE), conn, 15)
-                    told += more
-                if at_device == TO_DEVICE:
-                    os.write(master, FROM_DEVICE)
-                    at_client = told + read_client(conn, FROM_DEVICE, 15)
-                    if FROM_DEVICE not in at_client:
-                        raise SystemExit(f"the client got {at_client!r}, not {FROM_DEVICE!r}")
-                    verdict = f"ok: {len(TO_DEVICE)} bytes to the device and {len(FROM_DEVICE)} back"
-                else:
+                conn.sendall(TO_DEVICE)
+                at_device, more = read_pty(master, len(TO_DEVICE), conn, 15)
+                told += more
+                if at_device != TO_DEVICE:
                     told += read_client(conn, b"\n", 5)
-                    if limited_ok and at_device == b"" and NO_TERMIOS2 in told:
-                        verdict = (
-                            "ok up to opening the device: qemu-user lacks TCGETS2 "
-                            f"(the client was told {told.strip().decode(errors='replace')!r})"
-                        )
-                    else:
-                        raise SystemExit(f"the device got {at_device!r}; the client was told {told!r}")
+                    raise SystemExit(f"the device got {at_device!r}; the client was told {told!r}")
+                os.write(master, FROM_DEVICE)
+                at_client = told + read_client(conn, FROM_DEVICE, 15)
+                if FROM_DEVICE not in at_client:
+                    raise SystemExit(f"the client got {at_client!r}, not {FROM_DEVICE!r}")
+                conn.sendall(SET_BAUDRATE)
+                reply = read_client(conn, BAUDRATE_REPLY, 15)
+                if BAUDRATE_REPLY not in reply:
+                    raise SystemExit(f"no SET-BAUDRATE {ODD_BAUD} reply; the client got {reply!r}")
+                if device_speed(master) != ODD_BAUD:
+                    raise SystemExit(f"the pty runs at {device_speed(master)} baud, not {ODD_BAUD}")
+                verdict = (
+                    f"ok: {len(TO_DEVICE)} bytes to the device, {len(FROM_DEVICE)} back, "
+                    f"the device set to {ODD_BAUD} baud"
+                )
         finally:
             proc.terminate()
             try:
