@@ -5,7 +5,9 @@
 //! the mini UART, whose rate follows the VPU clock, and Raspberry Pi OS runs a login console on
 //! the header UART. A bridge that must carry esptool's 921600 baud byte-exact needs the PL011
 //! there and nobody else reading or writing it. So, as raspi-config would:
-//! - `config.txt`: `enable_uart=1` and `dtoverlay=disable-bt`, in the `[all]` section;
+//! - `config.txt`: `enable_uart=1`, `dtoverlay=disable-bt` and `dtparam=uart0=on`, in the `[all]`
+//!   section (the Pi 5 has its own Bluetooth UART and a debug UART as `serial0`, and leaves the
+//!   header's UART0 off unless `uart0=on`; older boards have that parameter on already);
 //! - `cmdline.txt`: no `console=serial0,...` (nor `ttyAMA0`, nor `ttyS0`);
 //! - `hciuart.service` and explicitly enabled serial gettys disabled.
 //!
@@ -36,6 +38,9 @@ const MARK: &str =
 /// mini UART), so with them hciuart must stay enabled.
 const DISABLE_BT: [&str; 3] = ["disable-bt", "pi3-disable-bt", "disable-bt-pi5"];
 const MINIUART_BT: [&str; 2] = ["miniuart-bt", "pi3-miniuart-bt"];
+/// The Pi 5 keeps UART0 (GPIO14/15) off by default; earlier boards have it on, so this is
+/// harmless there.
+const UART0_ON: &str = "dtparam=uart0=on";
 /// Units that would talk on the UART: the Bluetooth attach service and serial gettys that were
 /// enabled by hand (the ones the console= parameter starts go away with it).
 const BLUETOOTH_UNIT: &str = "hciuart.service";
@@ -184,7 +189,8 @@ fn insertion_point(lines: &[Line], all: &[bool]) -> usize {
     at
 }
 
-/// Sets `enable_uart=1` and `dtoverlay=disable-bt` for every board in a config.txt. Lines
+/// Sets `enable_uart=1`, `dtoverlay=disable-bt` and `dtparam=uart0=on` for every board in a
+/// config.txt. Lines
 /// already meaning the same are kept (no duplicates), comments and conditional sections are
 /// left alone, and the file's line endings and missing final newline are preserved.
 pub fn apply_config_txt(content: &str) -> Outcome {
@@ -196,6 +202,8 @@ pub fn apply_config_txt(content: &str) -> Outcome {
     let mut uart: Option<(usize, bool)> = None;
     // The overlay that already frees the PL011, if any.
     let mut overlay: Option<String> = None;
+    // Whether the last unconditional `uart0` parameter turns it on (`dtparam=a=on,uart0`).
+    let mut uart0_on = false;
     for (i, l) in lines.iter().enumerate() {
         let Some((key, value)) = setting(&l.text) else {
             continue;
@@ -209,6 +217,13 @@ pub fn apply_config_txt(content: &str) -> Outcome {
                     i + 1,
                     l.text.trim()
                 ));
+            }
+        } else if key == "dtparam" && all[i] {
+            for param in value.split(',') {
+                let (name, on) = param.split_once('=').unwrap_or((param, "on"));
+                if name.trim() == "uart0" {
+                    uart0_on = matches!(on.trim(), "on" | "true" | "yes" | "1");
+                }
             }
         } else if key == "dtoverlay" && all[i] {
             let name = value.split(',').next().unwrap_or_default().trim();
@@ -243,6 +258,9 @@ pub fn apply_config_txt(content: &str) -> Outcome {
             true
         }
     };
+    if !uart0_on {
+        add.push(UART0_ON);
+    }
 
     if !add.is_empty() {
         let at = insertion_point(&lines, &all);
@@ -798,6 +816,13 @@ fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), String> {
         "esp-bridge setup-pi: {model}; boot files in {}",
         sys.show(boot)
     );
+    if model.contains("Raspberry Pi 5") || model.contains("Compute Module 5") {
+        // serial0 is the debug connector's UART (ttyAMA10) on these; uart0=on makes ttyAMA0.
+        println!(
+            "  note: on this board GPIO14/15 is /dev/ttyAMA0 (/dev/serial0 is the debug connector): \
+             set device = \"/dev/ttyAMA0\" in /etc/esp-bridge.toml"
+        );
+    }
     for plan in &plans {
         for note in &plan.outcome.notes {
             println!("  {}: note: {note}", sys.show(&plan.path));
@@ -1044,10 +1069,13 @@ mod tests {
         let o = apply_config_txt(BOOKWORM);
         assert_eq!(
             o.content,
-            format!("{BOOKWORM}{MARK}\nenable_uart=1\ndtoverlay=disable-bt\n")
+            format!("{BOOKWORM}{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n")
         );
         assert!(o.bluetooth_off);
-        assert_eq!(added(&o), [MARK, "enable_uart=1", "dtoverlay=disable-bt"]);
+        assert_eq!(
+            added(&o),
+            [MARK, "enable_uart=1", "dtoverlay=disable-bt", UART0_ON]
+        );
     }
 
     #[test]
@@ -1067,14 +1095,15 @@ mod tests {
         let o = apply_config_txt(text);
         assert_eq!(
             o.content,
-            format!("a=1\n{MARK}\nenable_uart=1\ndtoverlay=disable-bt\n\n[pi4]\narm_boost=1\n")
+            format!(
+                "a=1\n{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n\n[pi4]\narm_boost=1\n"
+            )
         );
     }
 
     #[test]
     fn equivalent_lines_are_not_duplicated_and_comments_are_left_alone() {
-        let text =
-            "#dtoverlay=disable-bt\n# enable_uart=1\nenable_uart=1\ndtoverlay=pi3-disable-bt\n";
+        let text = "#dtoverlay=disable-bt\n# enable_uart=1\nenable_uart=1\ndtoverlay=pi3-disable-bt\ndtparam=audio=on,uart0\n";
         let o = apply_config_txt(text);
         assert!(o.edits.is_empty(), "{:?}", o.edits);
         assert_eq!(o.content, text);
@@ -1085,19 +1114,22 @@ mod tests {
     fn settings_under_a_board_filter_do_not_count() {
         let text = "[pi4]\nenable_uart=1\ndtoverlay=disable-bt\n[all]\n";
         let o = apply_config_txt(text);
-        assert_eq!(added(&o), [MARK, "enable_uart=1", "dtoverlay=disable-bt"]);
+        assert_eq!(
+            added(&o),
+            [MARK, "enable_uart=1", "dtoverlay=disable-bt", UART0_ON]
+        );
         assert!(o.content.ends_with(&format!(
-            "[all]\n{MARK}\nenable_uart=1\ndtoverlay=disable-bt\n"
+            "[all]\n{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n"
         )));
     }
 
     #[test]
     fn enable_uart_0_is_rewritten_in_place() {
-        let text = "enable_uart=0\ndtoverlay=disable-bt\n[pi3]\nenable_uart=0\n";
+        let text = "enable_uart=0\ndtoverlay=disable-bt\ndtparam=uart0=on\n[pi3]\nenable_uart=0\n";
         let o = apply_config_txt(text);
         assert_eq!(
             o.content,
-            "enable_uart=1\ndtoverlay=disable-bt\n[pi3]\nenable_uart=0\n"
+            "enable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n[pi3]\nenable_uart=0\n"
         );
         assert_eq!(
             o.edits,
@@ -1108,15 +1140,36 @@ mod tests {
             }]
         );
         assert!(
-            o.notes.iter().any(|n| n.contains("line 4")),
+            o.notes.iter().any(|n| n.contains("line 5")),
             "{:?}",
             o.notes
         );
     }
 
     #[test]
+    fn uart0_is_added_unless_already_on_for_every_board() {
+        // Off for every board, or on only under [pi5]: ours goes after and wins.
+        for text in ["dtparam=uart0=off\n", "[pi5]\ndtparam=uart0=on\n[all]\n"] {
+            let o = apply_config_txt(&format!("enable_uart=1\ndtoverlay=disable-bt\n{text}"));
+            assert_eq!(added(&o), [MARK, UART0_ON], "{text}");
+            assert!(
+                o.content.ends_with(&format!("{MARK}\n{UART0_ON}\n")),
+                "{text}"
+            );
+        }
+        for on in [
+            "dtparam=uart0=on",
+            "dtparam=uart0",
+            "dtparam=i2c_arm=on,uart0=true",
+        ] {
+            let o = apply_config_txt(&format!("enable_uart=1\ndtoverlay=disable-bt\n{on}\n"));
+            assert!(o.edits.is_empty(), "{on}: {:?}", o.edits);
+        }
+    }
+
+    #[test]
     fn miniuart_bt_keeps_bluetooth() {
-        let o = apply_config_txt("enable_uart=1\ndtoverlay=miniuart-bt\n");
+        let o = apply_config_txt("enable_uart=1\ndtoverlay=miniuart-bt\ndtparam=uart0=on\n");
         assert!(o.edits.is_empty());
         assert!(!o.bluetooth_off);
         assert_eq!(o.notes.len(), 1);
@@ -1127,7 +1180,9 @@ mod tests {
         let o = apply_config_txt("a=1\r\n[all]");
         assert_eq!(
             o.content,
-            format!("a=1\r\n[all]\r\n{MARK}\r\nenable_uart=1\r\ndtoverlay=disable-bt")
+            format!(
+                "a=1\r\n[all]\r\n{MARK}\r\nenable_uart=1\r\ndtoverlay=disable-bt\r\ndtparam=uart0=on"
+            )
         );
         let (back, notes) = undo(&o.content, &o.edits);
         assert_eq!(back, "a=1\r\n[all]");
@@ -1139,7 +1194,7 @@ mod tests {
         let o = apply_config_txt("");
         assert_eq!(
             o.content,
-            format!("{MARK}\nenable_uart=1\ndtoverlay=disable-bt\n")
+            format!("{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n")
         );
         assert_eq!(undo(&o.content, &o.edits).0, "");
     }

@@ -125,11 +125,14 @@ fn apply_produces_exactly_the_expected_files() {
         assert_eq!(boot_tree(&dir), expected_after_apply(case), "{case}: {out}");
         if *case == "already-set-up" {
             assert!(out.contains("already set up"), "{out}");
+            // A Pi 5: its serial0 is the debug connector, so the user is told the header's name.
+            assert!(out.contains("set device = \"/dev/ttyAMA0\""), "{out}");
             assert!(
                 !dir.join(STATE).exists(),
                 "nothing changed, nothing recorded"
             );
         } else {
+            assert!(!out.contains("ttyAMA0\" in"), "{case} is no Pi 5: {out}");
             assert!(
                 dir.join(STATE).is_file(),
                 "{case}: the changes are recorded"

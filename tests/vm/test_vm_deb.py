@@ -74,6 +74,7 @@ systemctl enable --now esp-bridge.socket
 systemctl enable --now esp-bridge.socket
 grep -qx 'enable_uart=1' /boot/firmware/config.txt || fail "enable_uart=1 missing"
 grep -qx 'dtoverlay=disable-bt' /boot/firmware/config.txt || fail "dtoverlay=disable-bt missing"
+grep -qx 'dtparam=uart0=on' /boot/firmware/config.txt || fail "dtparam=uart0=on missing"
 grep -q 'console=serial0' /boot/firmware/cmdline.txt && fail "serial console still on cmdline.txt"
 grep -q 'console=tty1' /boot/firmware/cmdline.txt || fail "cmdline.txt lost console=tty1"
 ls -R /var/lib/esp-bridge
