@@ -1103,6 +1103,8 @@ def main():
     print(body, flush=True)
     if not args.no_write:
         write_results(text)
+        if not quick and len(routes) == len(ROUTES) and sections == {"latency", "bulk", "callgrind", "esptool"}:
+            write_readme_summary(head[:3] + head[4:5], summary(results, routes))
 
 
 def report(results, routes, esptool_ops, img_size, quick):
@@ -1333,6 +1335,61 @@ def targets(results, routes, esptool_ops):
             lines.append(f"- peak RSS, {key}: {hwm[key]:.2f} MiB, of it {anon.get(key, 0):.2f} MiB anonymous "
                          f"(target <= 4 MiB): {verdict(hwm[key] <= 4)}")
     return "\n".join(lines) if lines else "(no targets measured in this run)"
+
+
+def summary(results, routes):
+    """One row per route with the headline figures, for the README."""
+    peers = [r for r in routes if r.peer]
+    lat = results["lat"]
+    est = results["esptool"]
+    cpu = results.get("cpu_per_mib", {})
+    hwm = results.get("hwm_mib", {})
+
+    def p50(key):
+        return lat.get((key, "tcp"), {}).get(1, {}).get("p50")
+
+    def secs(key, op):
+        return est.get((key, op), {}).get("secs")
+
+    best = {
+        "lat": best_of(p50(p.key) for p in peers),
+        "cpu": best_of(cpu.get(p.key) for p in peers),
+        "hwm": best_of(hwm.get(p.key) for p in peers),
+        "w921": best_of(secs(p.key, "write921") for p in peers),
+    }
+    rows = []
+    for r in routes:
+        if r.key == "relay":
+            continue
+        w = secs(r.key, "write921")
+        rows.append([r.label,
+                     fmt(p50(r.key)), ratio(p50(r.key), best["lat"]),
+                     fmt(cpu.get(r.key), 2), ratio(cpu.get(r.key), best["cpu"]),
+                     fmt(hwm.get(r.key), 1), ratio(hwm.get(r.key), best["hwm"]),
+                     f"{w:.1f}" if w else "-", ratio(w, best["w921"])])
+    return table(["route", "1-byte round trip p50 µs", "/ best peer", "server CPU ms/MiB", "/ best peer",
+                  "peak RSS MiB", "/ best peer", "esptool write 1 MiB -b 921600 s", "/ best peer"], rows)
+
+
+README_BEGIN = "<!-- bench/run summary: begin -->"
+README_END = "<!-- bench/run summary: end -->"
+
+
+def write_readme_summary(head, table_text):
+    """The headline table of a full run, between the README's markers (left alone if absent)."""
+    path = os.path.join(BENCH, "..", "README.md")
+    with open(path) as f:
+        old = f.read()
+    if README_BEGIN not in old or README_END not in old:
+        log(f"no summary markers in {path}: README left as is")
+        return
+    pre, rest = old.split(README_BEGIN, 1)
+    post = rest.split(README_END, 1)[1]
+    block = (f"{README_BEGIN}\nOne machine's full run (bench/RESULTS.md has every figure and how each was "
+             f"measured):\n\n" + "\n".join(head) + "\n\n" + table_text + "\n" + README_END)
+    with open(path, "w") as f:
+        f.write(pre + block + post)
+    log(f"wrote the summary into {path}")
 
 
 BEGIN = "<!-- bench/run output: begin -->"

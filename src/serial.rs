@@ -1,18 +1,27 @@
-//! The UART backend: the [`Uart`] trait the session drives, and its tokio-serial implementation.
+//! The UART backend: the [`Uart`] trait the session drives, and its tty implementation.
 //!
 //! The device is opened per client (exclusive: TIOCEXCL plus flock) with the configured
 //! defaults, so every client starts from the same settings and a device that vanished is
 //! simply opened again for the next one.
+//!
+//! serialport opens and configures the tty; the bytes go through a non-blocking duplicate of
+//! its fd that tokio watches for readability only. Watching it for writability too (as
+//! tokio-serial does) wakes the server after nearly every write, when the tty hands the bytes
+//! on and reports room again: on a 1-byte round trip that was an extra wake-up in most round
+//! trips (bench/RESULTS.md). Writability is watched only while a write is blocked.
 
 use crate::config::{FlowControl, Parity, SerialConfig};
+use rustix::io::Errno;
 use serialport::SerialPort;
 use std::future::Future;
 use std::io::{self, Write};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_serial::SerialStream;
+use std::task::{Context, Poll, ready};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// Line settings in force on the UART.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +67,14 @@ pub trait Uart: AsyncRead + AsyncWrite + Unpin + Send {
     fn modem_status(&mut self) -> io::Result<ModemStatus>;
 }
 
-/// A tty opened with tokio-serial.
+/// A tty opened with serialport, its bytes moved through tokio.
 pub struct SerialDevice {
-    stream: SerialStream,
+    /// The port as opened: line settings, purge, break, modem lines.
+    port: serialport::TTYPort,
+    /// The fd the bytes go through (non-blocking), registered for readability only.
+    io: AsyncFd<OwnedFd>,
+    /// Registered for writability while a write is blocked (a tty that is full), else none.
+    write_waiter: Option<AsyncFd<OwnedFd>>,
     /// A duplicate of the fd for tcdrain, which blocks: it runs on tokio's blocking pool.
     /// It lives as long as the device because closing any duplicate clears TIOCEXCL on the
     /// tty (serialport does that on drop), which would end the exclusive open early.
@@ -109,9 +123,17 @@ impl SerialDevice {
         // nobody holds open drops them, and a client expects to see only what comes now.
         port.clear(serialport::ClearBuffer::Input).map_err(to_io)?;
         let drainer = port.try_clone_native().map_err(to_io)?;
-        let stream = SerialStream::try_from(port).map_err(to_io)?;
+        let raw = port.try_clone_native().map_err(to_io)?.into_raw_fd();
+        // SAFETY: `into_raw_fd` hands over an open fd that nothing else owns or closes.
+        let io = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Shared by every duplicate (one open file description); tcdrain and the ioctls are
+        // unaffected by it.
+        let flags = rustix::fs::fcntl_getfl(&io)?;
+        rustix::fs::fcntl_setfl(&io, flags | rustix::fs::OFlags::NONBLOCK)?;
         Ok(SerialDevice {
-            stream,
+            port,
+            io: watch(io, Interest::READABLE)?,
+            write_waiter: None,
             drainer: Arc::new(Mutex::new(drainer)),
             path: path.to_path_buf(),
         })
@@ -157,25 +179,25 @@ fn flow(f: FlowControl) -> serialport::FlowControl {
 
 impl Uart for SerialDevice {
     fn set_baud(&mut self, baud: u32) -> io::Result<()> {
-        self.stream.set_baud_rate(baud).map_err(to_io)
+        self.port.set_baud_rate(baud).map_err(to_io)
     }
     fn set_data_bits(&mut self, bits: u8) -> io::Result<()> {
-        self.stream.set_data_bits(data_bits(bits)).map_err(to_io)
+        self.port.set_data_bits(data_bits(bits)).map_err(to_io)
     }
     fn set_parity(&mut self, p: Parity) -> io::Result<()> {
-        self.stream.set_parity(parity(p)).map_err(to_io)
+        self.port.set_parity(parity(p)).map_err(to_io)
     }
     fn set_stop_bits(&mut self, bits: u8) -> io::Result<()> {
-        self.stream.set_stop_bits(stop_bits(bits)).map_err(to_io)
+        self.port.set_stop_bits(stop_bits(bits)).map_err(to_io)
     }
     fn set_flow(&mut self, f: FlowControl) -> io::Result<()> {
-        self.stream.set_flow_control(flow(f)).map_err(to_io)
+        self.port.set_flow_control(flow(f)).map_err(to_io)
     }
     fn set_break(&mut self, on: bool) -> io::Result<()> {
         if on {
-            self.stream.set_break().map_err(to_io)
+            self.port.set_break().map_err(to_io)
         } else {
-            self.stream.clear_break().map_err(to_io)
+            self.port.clear_break().map_err(to_io)
         }
     }
     fn purge(&mut self, input: bool, output: bool) -> io::Result<()> {
@@ -185,7 +207,7 @@ impl Uart for SerialDevice {
             (false, true) => serialport::ClearBuffer::Output,
             (false, false) => return Ok(()),
         };
-        self.stream.clear(which).map_err(to_io)
+        self.port.clear(which).map_err(to_io)
     }
     fn drain(&mut self) -> Drain {
         let drainer = Arc::clone(&self.drainer);
@@ -204,52 +226,93 @@ impl Uart for SerialDevice {
     fn modem_status(&mut self) -> io::Result<ModemStatus> {
         use crate::protocol::rfc2217::modem;
         let mut bits = 0;
-        if self.stream.read_carrier_detect().map_err(to_io)? {
+        if self.port.read_carrier_detect().map_err(to_io)? {
             bits |= modem::CD;
         }
-        if self.stream.read_ring_indicator().map_err(to_io)? {
+        if self.port.read_ring_indicator().map_err(to_io)? {
             bits |= modem::RI;
         }
-        if self.stream.read_data_set_ready().map_err(to_io)? {
+        if self.port.read_data_set_ready().map_err(to_io)? {
             bits |= modem::DSR;
         }
-        if self.stream.read_clear_to_send().map_err(to_io)? {
+        if self.port.read_clear_to_send().map_err(to_io)? {
             bits |= modem::CTS;
         }
         Ok(bits)
     }
 }
 
+/// Registers an fd with tokio's reactor for the given readiness.
+fn watch(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open fd that only its owner closes, and its `as_raw_fd`
+    // never changes; the AsyncFd owns it from here on, so it stays open while registered.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
+}
+
 impl AsyncRead for SerialDevice {
     fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match rustix::io::read(guard.get_inner(), &mut *unfilled) {
+                Ok(n) => {
+                    // Less than asked for: the tty had no more. Forget the readiness now
+                    // instead of finding out with a read that fails with EAGAIN (an event
+                    // that arrived meanwhile is kept: tokio compares its tick).
+                    if n < unfilled.len() {
+                        guard.clear_ready();
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(Errno::AGAIN) => guard.clear_ready(),
+                Err(Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
     }
 }
 
 impl AsyncWrite for SerialDevice {
     fn poll_write(
         mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            match rustix::io::write(this.io.get_ref(), buf) {
+                Ok(n) => {
+                    this.write_waiter = None;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(Errno::AGAIN) => {
+                    let waiter = match &mut this.write_waiter {
+                        Some(waiter) => waiter,
+                        None => {
+                            // A duplicate, so that its registration can come and go without
+                            // touching the read side's; epoll reports a tty that became
+                            // writable in between at once.
+                            let dup = rustix::io::dup(this.io.get_ref())?;
+                            this.write_waiter.insert(watch(dup, Interest::WRITABLE)?)
+                        }
+                    };
+                    ready!(waiter.poll_write_ready(cx))?.clear_ready();
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
     }
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        // tokio-serial's poll_flush runs tcdrain on the runtime thread; draining is done
-        // explicitly through `drain` instead, so flushing here has nothing to do.
-        std::task::Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Draining is done explicitly through `drain`, off the async threads.
+        Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(
-        self: Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
