@@ -8,7 +8,7 @@
 use sd_notify::NotifyState;
 use std::net::TcpListener;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The names a passed-in socket may carry (`FileDescriptorName=` in the socket unit). systemd
 /// names sockets after their unit when the unit gives none.
@@ -78,7 +78,7 @@ fn notify(state: &[NotifyState]) {
 
 /// READY=1 with a first status line.
 pub fn ready(status: &str) {
-    remember(status);
+    status_line().record(status);
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
@@ -87,9 +87,10 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-/// WATCHDOG=1: the serving loop is alive.
+/// WATCHDOG=1: the serving loop is alive; also sends a status line the rate limit held back.
 pub fn watchdog_ping() {
     notify(&[NotifyState::Watchdog]);
+    send_held_status();
 }
 
 /// Half the watchdog interval systemd asked for, if it asked.
@@ -97,25 +98,69 @@ pub fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }
 
-static LAST_STATUS: Mutex<String> = Mutex::new(String::new());
+/// The least time between two STATUS= lines: a client flooding SET-BAUDRATE with alternating
+/// rates changes the status line at every command, and each would be a message to PID 1.
+const STATUS_GAP: Duration = Duration::from_millis(100);
 
-fn remember(status: &str) -> bool {
-    let mut last = LAST_STATUS
+/// The status line systemd has, and one held back by [`STATUS_GAP`] (sent with the next
+/// watchdog ping or status change, whichever comes first).
+struct StatusLine {
+    sent: String,
+    sent_at: Option<Instant>,
+    held: Option<String>,
+}
+
+static STATUS: Mutex<StatusLine> = Mutex::new(StatusLine {
+    sent: String::new(),
+    sent_at: None,
+    held: None,
+});
+
+fn status_line() -> std::sync::MutexGuard<'static, StatusLine> {
+    STATUS
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *last == status {
-        return false;
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl StatusLine {
+    /// Records `line` as sent (returns false when systemd has it already).
+    fn record(&mut self, line: &str) -> bool {
+        self.held = None;
+        if self.sent == line {
+            return false;
+        }
+        self.sent.clear();
+        self.sent.push_str(line);
+        self.sent_at = Some(Instant::now());
+        true
     }
-    last.clear();
-    last.push_str(status);
-    true
 }
 
 /// STATUS=: one line saying what the service is doing (`systemctl status` shows it). Sent
-/// only when it changes.
+/// only when it changes, and at most once per [`STATUS_GAP`]; a newer line in between waits
+/// for the next watchdog ping or change.
 pub fn status(line: &str) {
-    if remember(line) {
+    let mut s = status_line();
+    if s.sent_at.is_some_and(|at| at.elapsed() < STATUS_GAP) {
+        if s.sent != line {
+            s.held = Some(line.to_string());
+        } else {
+            s.held = None;
+        }
+        return;
+    }
+    if s.record(line) {
         notify(&[NotifyState::Status(line)]);
+    }
+}
+
+/// Sends a status line held back by the rate limit.
+fn send_held_status() {
+    let mut s = status_line();
+    if let Some(line) = s.held.take()
+        && s.record(&line)
+    {
+        notify(&[NotifyState::Status(&line)]);
     }
 }
 

@@ -218,3 +218,37 @@ def esptool_cmd(version):
 def spell(version, command):
     """esptool 5 spells commands with dashes, 4 with underscores."""
     return command if version == 5 else command.replace("-", "_")
+
+
+class FakeNotify:
+    """A unix datagram socket standing in for systemd's notification socket."""
+
+    def __init__(self, tmp_path):
+        self.path = str(tmp_path / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+        self.running = True
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while self.running:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def lines(self):
+        return [line for _, msg in self.messages for line in msg.split("\n") if line]
+
+    def wait_for(self, needle, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in self.lines()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no {needle!r} in {self.lines()}")

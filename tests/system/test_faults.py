@@ -20,7 +20,7 @@ import time
 import pytest
 import serial
 
-from conftest import esptool_cmd, free_port, spell
+from conftest import FakeNotify, esptool_cmd, free_port, spell
 from test_reset import last_mode, pins_and_modes, wait_mode
 from test_robustness import IAC, SB, SE, raw_client, recv_until, sb, server_replies
 
@@ -318,12 +318,13 @@ def test_slowloris_is_replaced_by_the_next_client(bridge_on, device, tmp_path):
 
 
 @pytest.mark.parametrize("values", ["same", "alternating"])
-def test_set_baudrate_flood(bridge_on, device, values):
+def test_set_baudrate_flood(bridge_on, device, values, tmp_path):
     """100 000 SET-BAUDRATE commands in one burst: every one is answered, in order, with the
-    rate in force; a rate equal to the current one does not touch the UART; the log does not
-    get a line per command; memory stays flat."""
+    rate in force; a rate equal to the current one does not touch the UART; neither the log nor
+    systemd's notification socket gets a line per command; memory stays flat."""
     count = 100_000
-    bridge = bridge_on()
+    notify = FakeNotify(tmp_path)
+    bridge = bridge_on(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
     rates = [115200] * count if values == "same" else [230400, 115200] * (count // 2)
     burst = b"".join(sb(SET_BAUDRATE, struct.pack(">I", r)) for r in rates)
     s = connect(bridge)
@@ -355,6 +356,17 @@ def test_set_baudrate_flood(bridge_on, device, values):
     else:
         assert "further baud rate changes of this session are logged at debug level" in log
     assert len(log.splitlines()) < 50, f"log spam: {len(log.splitlines())} lines"
+    # STATUS= at most every 100 ms while the rate flips, and the last one systemd gets is true.
+    # The idle line may be held back for up to a watchdog period (200 ms here).
+    deadline = time.monotonic() + 5
+    while True:
+        statuses = [line for line in notify.lines() if line.startswith("STATUS=")]
+        if statuses[-1].startswith("STATUS=idle") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    notify.running = False
+    assert statuses[-1].startswith("STATUS=idle"), statuses[-3:]
+    assert len(statuses) <= 10 + 20 * took, f"{len(statuses)} STATUS= lines in {took:.1f} s"
     assert_memory_bounded(bridge, f"{count} SET-BAUDRATE ({values})")
     next_client_round_trip(bridge, device)
     print(f"{count} SET-BAUDRATE ({values}) answered in {took:.2f} s")

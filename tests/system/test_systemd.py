@@ -7,14 +7,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import serial
 
-from conftest import BIN, ROOT, LogReader, esptool_cmd, free_port
+from conftest import BIN, ROOT, FakeNotify, LogReader, esptool_cmd, free_port
 from test_pyserial import device_speed
 
 UNIT = ROOT / "packaging" / "esp-bridge.service"
@@ -78,40 +77,6 @@ def test_unknown_socket_name_is_a_config_error(tmp_path):
     socket.create_connection(("127.0.0.1", port)).close()
     assert bridge.wait(10) == 78
     assert 'named "mystery"' in log.text() and "FileDescriptorName=rfc2217" in log.text()
-
-
-class FakeNotify:
-    """A unix datagram socket standing in for systemd's notification socket."""
-
-    def __init__(self, tmp_path):
-        self.path = str(tmp_path / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages = []
-        self.running = True
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while self.running:
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def lines(self):
-        return [line for _, msg in self.messages for line in msg.split("\n") if line]
-
-    def wait_for(self, needle, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(needle in line for line in self.lines()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no {needle!r} in {self.lines()}")
 
 
 def test_notify_ready_status_watchdog_stopping(tmp_path, device):
