@@ -105,6 +105,30 @@ pub struct Outcome {
     pub bluetooth_off: bool,
 }
 
+impl Outcome {
+    /// The outcome of editing `original` into `lines`: byte for byte the original when no
+    /// edit was made (so nothing is rewritten, not even line endings).
+    fn new(
+        original: &str,
+        lines: &[Line],
+        edits: Vec<Edit>,
+        notes: Vec<String>,
+        bluetooth_off: bool,
+    ) -> Self {
+        let content = if edits.is_empty() {
+            original.to_string()
+        } else {
+            join_lines(lines)
+        };
+        Outcome {
+            content,
+            edits,
+            notes,
+            bluetooth_off,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Line {
     text: String,
@@ -306,17 +330,7 @@ pub fn apply_config_txt(content: &str) -> Outcome {
             },
         );
     }
-    let content = if edits.is_empty() {
-        content.to_string()
-    } else {
-        join_lines(&lines)
-    };
-    Outcome {
-        content,
-        edits,
-        notes,
-        bluetooth_off,
-    }
+    Outcome::new(content, &lines, edits, notes, bluetooth_off)
 }
 
 /// Byte ranges of the whitespace-separated words of a line.
@@ -380,17 +394,7 @@ pub fn apply_cmdline_txt(content: &str) -> Outcome {
             first.text.replace_range(from..to, "");
         }
     }
-    let content = if edits.is_empty() {
-        content.to_string()
-    } else {
-        join_lines(&lines)
-    };
-    Outcome {
-        content,
-        edits,
-        notes: Vec::new(),
-        bluetooth_off: false,
-    }
+    Outcome::new(content, &lines, edits, Vec::new(), false)
 }
 
 /// The index of the line equal to `text` nearest to `near`: our line, even if the user added

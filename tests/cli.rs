@@ -1,22 +1,9 @@
 //! The command line as users meet it: help, version, check-config and its exit codes.
 
+mod common;
+
+use common::{bridge, text};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn bridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_esp-bridge"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn write_config(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);
@@ -32,7 +19,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn help_and_version() {
-    let help = bridge(&["--help"]);
+    let help = bridge(["--help"]);
     assert!(help.status.success());
     let t = text(&help);
     for word in [
@@ -45,14 +32,14 @@ fn help_and_version() {
     ] {
         assert!(t.contains(word), "help mentions {word}: {t}");
     }
-    let version = bridge(&["--version"]);
+    let version = bridge(["--version"]);
     assert!(version.status.success());
     assert!(text(&version).contains(env!("CARGO_PKG_VERSION")));
 }
 
 #[test]
 fn usage_errors_exit_64() {
-    let o = bridge(&["--baud", "fast"]);
+    let o = bridge(["--baud", "fast"]);
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
     assert!(text(&o).contains("--baud"));
 }
@@ -60,7 +47,7 @@ fn usage_errors_exit_64() {
 #[test]
 fn shipped_config_checks_ok() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/esp-bridge.toml");
-    let o = bridge(&["check-config", "--config", shipped]);
+    let o = bridge(["check-config", "--config", shipped]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("/dev/serial0 at 115200 baud"));
 }
@@ -115,7 +102,7 @@ fn bad_configs_exit_78_naming_file_line_and_key() {
             assert!(t.contains(key), "{name} names the key: {t}");
         }
     }
-    let o = bridge(&["check-config", "--config", "/nonexistent/esp-bridge.toml"]);
+    let o = bridge(["check-config", "--config", "/nonexistent/esp-bridge.toml"]);
     assert_eq!(o.status.code(), Some(78));
     assert!(text(&o).contains("cannot read config file /nonexistent/esp-bridge.toml"));
 }
@@ -128,7 +115,7 @@ fn flags_override_the_file() {
         "c.toml",
         "[serial]\ndevice = \"/dev/ttyAMA0\"\nbaud = 9600\n",
     );
-    let o = bridge(&[
+    let o = bridge([
         "check-config",
         "--config",
         &path,
@@ -149,7 +136,7 @@ fn flags_override_the_file() {
 fn listening_on_a_busy_port_fails_with_a_hint() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let o = bridge(&[
+    let o = bridge([
         "--device",
         "/dev/null",
         "--listen",

@@ -1,10 +1,14 @@
 //! `esp-bridge setup-pi` as the package runs it: the real binary with `--root` on temporary
 //! copies of real Raspberry Pi boot files (tests/fixtures/pi), for every shape they come in.
 
+mod common;
+
+use common::{bridge, text};
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 const CASES_THAT_CHANGE: [&str; 6] = [
     "bookworm",
@@ -85,21 +89,13 @@ fn boot_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn setup_pi(root: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_esp-bridge"))
-        .arg("setup-pi")
-        .arg("--root")
-        .arg(root)
-        .args(extra)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    let mut args = vec![
+        OsStr::new("setup-pi"),
+        OsStr::new("--root"),
+        root.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    bridge(args)
 }
 
 fn ok(o: &Output) -> String {

@@ -44,15 +44,7 @@ fuzz_target!(|script: &[u8]| {
     }
     assert_eq!(to_client, from_device);
 
-    let data: Vec<u8> = client_events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data(d) => Some(d.as_slice()),
-            _ => None,
-        })
-        .flatten()
-        .copied()
-        .collect();
+    let data = Event::data_of(&client_events);
     let esptool = from_client.len() >= SYNC_START.len() && from_client[..5] == SYNC_START;
     let undecided = from_client.len() < SYNC_START.len() && SYNC_START.starts_with(&from_client);
     if undecided {

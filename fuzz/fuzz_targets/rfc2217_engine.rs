@@ -35,15 +35,7 @@ fuzz_target!(|input: &[u8]| {
     }
 
     let (events, answers) = whole;
-    let data: Vec<u8> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data(d) => Some(d.as_slice()),
-            _ => None,
-        })
-        .flatten()
-        .copied()
-        .collect();
+    let data = Event::data_of(&events);
     let mut escaped = Vec::new();
     Engine::encode_data(&data, &mut escaped);
     assert_eq!(escaped, reference_data(input), "data does not round-trip");

@@ -239,17 +239,6 @@ mod tests {
         slip(&p)
     }
 
-    fn data_of(events: &[Event]) -> Vec<u8> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Data(d) => Some(d.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    }
-
     #[test]
     fn esptool_opening_asks_for_the_bootloader_and_passes_bytes_unchanged() {
         let sync = sync_frame();
@@ -259,7 +248,7 @@ mod tests {
             r.from_client(&sync[..split], &mut ev);
             r.from_client(&sync[split..], &mut ev);
             assert_eq!(ev.first(), Some(&Event::EnterBootloader), "split {split}");
-            assert_eq!(data_of(&ev), sync, "split {split}");
+            assert_eq!(Event::data_of(&ev), sync, "split {split}");
         }
     }
 
@@ -273,7 +262,7 @@ mod tests {
             assert!(!ev.contains(&Event::EnterBootloader), "{opening:?}");
             let mut want = opening.to_vec();
             want.extend(sync_frame());
-            assert_eq!(data_of(&ev), want);
+            assert_eq!(Event::data_of(&ev), want);
         }
     }
 
@@ -327,7 +316,11 @@ mod tests {
             for piece in stream.chunks(chunk) {
                 r.from_client(piece, &mut ev);
             }
-            assert_eq!(data_of(&ev), stream, "chunk {chunk}: bytes pass unchanged");
+            assert_eq!(
+                Event::data_of(&ev),
+                stream,
+                "chunk {chunk}: bytes pass unchanged"
+            );
             ev.clear();
             let mut out = Vec::new();
             r.from_device(&reply(OP_CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);

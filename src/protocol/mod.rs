@@ -30,6 +30,21 @@ pub enum Event {
     SwitchBaud(u32),
 }
 
+impl Event {
+    /// The bytes for the device in `events`, in order (what a session would write).
+    pub fn data_of(events: &[Event]) -> Vec<u8> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Data(d) => Some(d.as_slice()),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
 /// Telnet + RFC 2217 protocol state for one connection.
 #[derive(Debug, Default)]
 pub struct Engine {

@@ -494,6 +494,28 @@ mod tests {
         f
     }
 
+    /// Sends a SYNC at 115200 to a paced chip in download mode: its eight 14-byte replies
+    /// must take their wire time (and not much more).
+    fn assert_sync_takes_its_wire_time(host: &mut (impl std::io::Write + std::os::fd::AsFd)) {
+        let frame = sync();
+        let t = Instant::now();
+        host.write_all(&frame).unwrap();
+        let mut got = Vec::new();
+        while got
+            .windows(6)
+            .filter(|w| *w == [0x55, 0, 0, 0, 0, 0xC0])
+            .count()
+            < 8
+            && t.elapsed() < Duration::from_secs(1)
+        {
+            got.extend(read_until(host, b"", Duration::from_millis(1)));
+        }
+        let took = t.elapsed();
+        let wire = uart::wire_time(frame.len() + 8 * 14, 115_200);
+        assert!(took >= wire, "{took:?} < {wire:?}");
+        assert!(took < wire + Duration::from_millis(100), "{took:?}");
+    }
+
     /// Reads until `want` shows up (or `limit` passes); returns all that came.
     fn read_until(f: &impl std::os::fd::AsFd, want: &[u8], limit: Duration) -> Vec<u8> {
         let t = Instant::now();
@@ -712,24 +734,7 @@ mod tests {
         let mut host = open_host(sim.device_path(), 115_200);
         wait_mode(&sim, ChipMode::Download);
         read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
-        let frame = sync();
-        let t = Instant::now();
-        host.write_all(&frame).unwrap();
-        // Eight replies of 14 bytes each.
-        let mut got = Vec::new();
-        while got
-            .windows(6)
-            .filter(|w| *w == [0x55, 0, 0, 0, 0, 0xC0])
-            .count()
-            < 8
-            && t.elapsed() < Duration::from_secs(1)
-        {
-            got.extend(read_until(&host, b"", Duration::from_millis(1)));
-        }
-        let took = t.elapsed();
-        let wire = uart::wire_time(frame.len() + 8 * 14, 115_200);
-        assert!(took >= wire, "{took:?} < {wire:?}");
-        assert!(took < wire + Duration::from_millis(100), "{took:?}");
+        assert_sync_takes_its_wire_time(&mut host);
     }
 
     #[test]
@@ -879,23 +884,7 @@ mod tests {
         );
         wait_mode(&sim, ChipMode::Download);
         read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
-        let frame = sync();
-        let t = Instant::now();
-        host.write_all(&frame).unwrap();
-        let mut got = Vec::new();
-        while got
-            .windows(6)
-            .filter(|w| *w == [0x55, 0, 0, 0, 0, 0xC0])
-            .count()
-            < 8
-            && t.elapsed() < Duration::from_secs(1)
-        {
-            got.extend(read_until(&host, b"", Duration::from_millis(1)));
-        }
-        let took = t.elapsed();
-        let wire = uart::wire_time(frame.len() + 8 * 14, 115_200);
-        assert!(took >= wire, "{took:?} < {wire:?}");
-        assert!(took < wire + Duration::from_millis(100), "{took:?}");
+        assert_sync_takes_its_wire_time(&mut host);
         drop(sim);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import serial
 
-from conftest import CACHE, esptool_cmd, free_port
+from conftest import esptool_cmd, free_port
 
 TOOLS = Path(__file__).parent / "tools"
 WIRINGS = ["gpio", "modem"]

@@ -8,7 +8,11 @@ Run them with tests/vm/run (it builds the image first, as root). Every test here
 """
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,43 @@ BIN = system.BIN
 LogReader = system.LogReader
 esptool_cmd = system.esptool_cmd
 GUEST_HELPERS = HERE / "guest"
+
+
+def start_sim(esp_bridge_bin, v, *args):
+    """The virtual ESP32 on the VM's /dev/ttyS1, its straps driven from ttyS2; with its log."""
+    sim = subprocess.Popen(
+        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--control-unix", str(v.ttyS2), *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=vmlib.die_with_parent,
+    )
+    return sim, LogReader(sim.stderr)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def slow_link_esptool_cfg(tmp_path):
+    """The VM's user-mode network under software emulation adds latency: an esptool config
+    that gives SYNC the time a slow link needs (the bootloader entry itself is the bridge's)."""
+    cfg = tmp_path / "esptool.cfg"
+    cfg.write_text("[esptool]\nsync_timeout = 2\nmem_end_rom_timeout = 2\ntimeout = 10\n")
+    return cfg
+
+
+def run_esptool(url, *args, cfg=None, timeout=400):
+    """esptool 5 on the host: (exit status, output, seconds)."""
+    cmd = [str(esptool_cmd(5)), "--port", url, *args]
+    env = {**os.environ, **({"ESPTOOL_CFGFILE": str(cfg)} if cfg else {})}
+    start = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return r.returncode, r.stdout + r.stderr, time.monotonic() - start
 
 
 def pytest_configure(config):

@@ -11,9 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import vm as vmlib
-from conftest import ROOT, LogReader, esptool_cmd
-from test_vm_service import run_esptool, stop
+from conftest import ROOT, esptool_cmd, run_esptool, slow_link_esptool_cfg, start_sim, stop
 
 FIXTURE = ROOT / "tests" / "fixtures" / "pi" / "bookworm" / "root" / "boot" / "firmware"
 
@@ -149,20 +147,13 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
              files=[deb1, deb2, watcher, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
              ttyS2=True, timeout=1500)
     events = tmp_path / "events.jsonl"
-    sim = subprocess.Popen(
-        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--boot", "app",
-         "--control-unix", str(v.ttyS2), "--event-log", str(events)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=vmlib.die_with_parent,
-    )
-    sim_log = LogReader(sim.stderr)
+    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--event-log", str(events))
 
     def context():
         return (f"\n--- sim ---\n{sim_log.text()}\n--- straps ---\n{v.read('straps.log', '')}"
                 f"\n--- guest ---\n{v.guest_log()}")
 
-    cfg = tmp_path / "esptool.cfg"
-    cfg.write_text("[esptool]\nsync_timeout = 2\nmem_end_rom_timeout = 2\ntimeout = 10\n")
+    cfg = slow_link_esptool_cfg(tmp_path)
     image = tmp_path / "app.bin"
     image.write_bytes(os.urandom(64 * 1024))
     try:
@@ -172,16 +163,16 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
             pytest.fail(f"{e}{context()}", pytrace=False)
         rfc = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
         raw = f"socket://127.0.0.1:{v.host_port(2218)}"
-        rc, out = run_esptool(rfc, "write-flash", "0x10000", str(image), cfg=cfg)
+        rc, out, _ = run_esptool(rfc, "write-flash", "0x10000", str(image), cfg=cfg)
         assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
-        rc, out = run_esptool(raw, "verify-flash", "0x10000", str(image), cfg=cfg)
+        rc, out, _ = run_esptool(raw, "verify-flash", "0x10000", str(image), cfg=cfg)
         assert rc == 0 and "digest matched" in out, f"{out}{context()}"
         v.signal("phase-1-done")
         try:
             v.wait_for_file("ready-2", timeout=300)
         except Exception as e:
             pytest.fail(f"{e}{context()}", pytrace=False)
-        rc, out = run_esptool(rfc, "chip-id", cfg=cfg)
+        rc, out, _ = run_esptool(rfc, "chip-id", cfg=cfg)
         assert rc == 0, f"after the remap:\n{out}{context()}"
     finally:
         v.signal("phase-1-done")

@@ -14,15 +14,10 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import vm as vmlib
-from conftest import ROOT, LogReader, esptool_cmd
+from conftest import ROOT, esptool_cmd, run_esptool, slow_link_esptool_cfg, start_sim, stop
 
 ADDRESS = 0x10000
 SIZE = 64 * 1024
@@ -132,23 +127,6 @@ touch /run/strap-watcher-stop; wait $watcher || true
 """
 
 
-def run_esptool(url, *args, cfg=None, timeout=400):
-    cmd = [str(esptool_cmd(5)), "--port", url, *args]
-    env = {**os.environ, **({"ESPTOOL_CFGFILE": str(cfg)} if cfg else {})}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return r.returncode, r.stdout + r.stderr
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def bootloader_entries(lines):
     """(EN low duration, IO0 low after EN rose) for each rise of EN with IO0 low, in seconds,
     from the watcher's log."""
@@ -180,23 +158,14 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
              ttyS2=True, timeout=1200)
     flash_file = tmp_path / "flash.bin"
     events = tmp_path / "events.jsonl"
-    sim = subprocess.Popen(
-        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--boot", "app",
-         "--control-unix", str(v.ttyS2), "--flash-file", str(flash_file),
-         "--event-log", str(events)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=vmlib.die_with_parent,
-    )
-    sim_log = LogReader(sim.stderr)
+    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--flash-file", str(flash_file),
+                             "--event-log", str(events))
 
     def context():
         return (f"\n--- sim ---\n{sim_log.text()}\n--- straps.log ---\n{v.read('straps.log', '')}"
                 f"\n--- guest ---\n{v.guest_log()}")
 
-    # The VM's user-mode network under software emulation adds latency: give esptool's
-    # SYNC the time a slow link needs (the bootloader entry itself is the bridge's job).
-    cfg = tmp_path / "esptool.cfg"
-    cfg.write_text("[esptool]\nsync_timeout = 2\nmem_end_rom_timeout = 2\ntimeout = 10\n")
+    cfg = slow_link_esptool_cfg(tmp_path)
     image = tmp_path / "app.bin"
     data = os.urandom(SIZE)
     image.write_bytes(data)
@@ -207,11 +176,11 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
             pytest.fail(f"{e}{context()}", pytrace=False)
         rfc = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
         raw = f"socket://127.0.0.1:{v.host_port(2218)}"
-        rc, out = run_esptool(rfc, "flash-id", cfg=cfg)
+        rc, out, _ = run_esptool(rfc, "flash-id", cfg=cfg)
         assert rc == 0, f"flash-id over RFC 2217 failed:\n{out}{context()}"
-        rc, out = run_esptool(rfc, "write-flash", hex(ADDRESS), str(image), cfg=cfg)
+        rc, out, _ = run_esptool(rfc, "write-flash", hex(ADDRESS), str(image), cfg=cfg)
         assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
-        rc, out = run_esptool(raw, "verify-flash", hex(ADDRESS), str(image), cfg=cfg)
+        rc, out, _ = run_esptool(raw, "verify-flash", hex(ADDRESS), str(image), cfg=cfg)
         assert rc == 0 and "digest matched" in out, f"raw port verify failed:\n{out}{context()}"
     finally:
         v.signal("host-done")

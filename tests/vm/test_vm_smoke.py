@@ -13,14 +13,11 @@ and the way later tests relay the guest's GPIO edges to the chip's straps:
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
-import vm as vmlib
-from conftest import LogReader, esptool_cmd
+from conftest import esptool_cmd, run_esptool, start_sim, stop
 
 ADDRESS = 0x10000
 SIZE = 64 * 1024
@@ -98,21 +95,7 @@ say "esp-bridge stopped with exit status $rc"
 """
 
 
-def run_esptool(url, *args, timeout=300):
-    cmd = [str(esptool_cmd(5)), "--port", url, "--before", "no-reset", "--after", "no-reset", *args]
-    start = time.monotonic()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return result.returncode, result.stdout + result.stderr, time.monotonic() - start
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+NO_RESET = ("--before", "no-reset", "--after", "no-reset")
 
 
 def test_esptool_flashes_the_host_sim_through_the_bridge_in_a_booted_debian(boot, esp_bridge_bin, tmp_path):
@@ -122,13 +105,8 @@ def test_esptool_flashes_the_host_sim_through_the_bridge_in_a_booted_debian(boot
     v = boot(GUEST_SCRIPT, forwards=[2217], files=[esp_bridge_bin], ttyS2=True, timeout=900)
     flash_file = tmp_path / "flash.bin"
     events = tmp_path / "events.jsonl"
-    sim = subprocess.Popen(
-        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--boot", "download",
-         "--control-unix", str(v.ttyS2), "--flash-file", str(flash_file), "--event-log", str(events)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=vmlib.die_with_parent,
-    )
-    sim_log = LogReader(sim.stderr)
+    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "download", "--flash-file", str(flash_file),
+                             "--event-log", str(events))
 
     def context():
         return f"\n--- sim log ---\n{sim_log.text()}\n--- bridge.log (guest) ---\n{v.read('bridge.log', '(none)')}"
@@ -150,17 +128,17 @@ def exercise(v, sim, context, times, t0, tmp_path, flash_file, events):
         assert sim.poll() is None, f"the sim exited with {sim.returncode}{context()}"
         url = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
 
-        rc, out, times["flash-id"] = run_esptool(url, "flash-id")
+        rc, out, times["flash-id"] = run_esptool(url, *NO_RESET, "flash-id")
         assert rc == 0, f"esptool flash-id failed:\n{out}{context()}"
         assert "ESP32" in out and "Detected flash size: 4MB" in out, out
 
         image = tmp_path / "app.bin"
         data = os.urandom(SIZE)
         image.write_bytes(data)
-        rc, out, times["write-flash 64 KiB"] = run_esptool(url, "write-flash", hex(ADDRESS), str(image))
+        rc, out, times["write-flash 64 KiB"] = run_esptool(url, *NO_RESET, "write-flash", hex(ADDRESS), str(image))
         assert rc == 0, f"esptool write-flash failed:\n{out}{context()}"
         assert "Hash of data verified" in out, out
-        rc, out, times["verify-flash 64 KiB"] = run_esptool(url, "verify-flash", hex(ADDRESS), str(image))
+        rc, out, times["verify-flash 64 KiB"] = run_esptool(url, *NO_RESET, "verify-flash", hex(ADDRESS), str(image))
         assert rc == 0, f"esptool verify-flash failed:\n{out}{context()}"
         assert "digest matched" in out, out
     finally:
