@@ -17,30 +17,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "pi" / "bookworm" / "root" / "boot" / "f
 
 # EN is wired to GPIO22 first and to GPIO27 after the remap; the other one floats high on its
 # pull-up, so the board's EN is low when either is. Every change is relayed to the host chip.
-WATCHER = r"""
-import os, sys, time, termios, tty as ttymod
-paths = dict(zip(("g22", "g27", "g10"), sys.argv[1:4]))
-log = open(sys.argv[4], "a", buffering=1)
-port = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY)
-ttymod.setraw(port)
-def high(p):
-    with open(p) as f:
-        return f.read(1) == "1"
-last = None
-while not os.path.exists("/run/watcher-stop"):
-    v = {k: high(p) for k, p in paths.items()}
-    now = (v["g22"] and v["g27"], v["g10"])
-    if now != last:
-        en, io0 = ("high" if now[0] else "low"), ("high" if now[1] else "low")
-        os.write(port, f"en={en} io0={io0}\n".encode())
-        answer = b""
-        while not answer.endswith(b"\n"):
-            answer += os.read(port, 64)
-        log.write(f"{time.monotonic():.6f} g22={int(v['g22'])} g27={int(v['g27'])} g10={int(v['g10'])}\n")
-        last = now
-    time.sleep(0.0005)
-"""
-
 GUEST_SCRIPT = r"""
 set -euo pipefail
 H=/mnt/host
@@ -59,7 +35,7 @@ say "GPIO lines named like the Pi's, pulled up like a board's"
 eval "$(bash $H/gpio-sim-pi.sh)"
 for p in "$GPIO22_PULL" "$GPIO27_PULL" "$GPIO10_PULL"; do echo pull-up > "$p"; done
 stty -F /dev/ttyS2 115200 raw -echo
-python3 $H/watcher.py "$GPIO22_VALUE" "$GPIO27_VALUE" "$GPIO10_VALUE" $H/straps.log &
+python3 $H/strap-watcher.py $H/straps.log "en:g22=$GPIO22_VALUE" "en:g27=$GPIO27_VALUE" "io0:g10=$GPIO10_VALUE" &
 
 say "apt install ./esp-bridge.deb"
 # This x86 VM has no device tree: tell the package it is setting up a Pi, as an image build does.
@@ -112,7 +88,7 @@ done
 systemctl list-unit-files --no-legend | grep -q esp-bridge && fail "units still known after purge"
 ss -Hltn | grep -q ':2217 ' && fail "still listening on 2217 after purge"
 getent passwd esp-bridge && fail "a user esp-bridge was left"
-touch /run/watcher-stop
+touch /run/strap-watcher-stop
 say "done"
 """
 
@@ -141,10 +117,8 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     upstream, _, revision = version.rpartition("-")
     deb2 = tmp_path / "esp-bridge-2.deb"
     repack_with_version(deb1, f"{upstream}-{int(revision) + 1}", deb2)
-    watcher = tmp_path / "watcher.py"
-    watcher.write_text(WATCHER)
     v = boot(GUEST_SCRIPT, forwards=[2217, 2218],
-             files=[deb1, deb2, watcher, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
+             files=[deb1, deb2, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
              ttyS2=True, timeout=1500)
     events = tmp_path / "events.jsonl"
     sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--event-log", str(events))

@@ -4,7 +4,7 @@
   the hardened service started by its socket (DynamicUser, DevicePolicy=closed, PrivateNetwork,
   system-call filter) and scored by `systemd-analyze security` in the guest;
 - the gpio backend on the kernel's gpio-sim lines named like a Pi's (GPIO22 = EN,
-  GPIO10 = IO0): real /dev/gpiochipN, real gpiocdev. A guest watcher samples the lines and
+  GPIO10 = IO0): real /dev/gpiochipN, real gpiocdev. A guest watcher (guest/strap-watcher.py) samples the lines and
   relays their levels over /dev/ttyS2 to the straps of the host's virtual ESP32, which sits
   behind the guest's real UART /dev/ttyS1;
 - the host's esptool 5 flashes through the forwarded ports with its default reset (RFC 2217)
@@ -22,34 +22,8 @@ from conftest import ROOT, esptool_cmd, run_esptool, slow_link_esptool_cfg, star
 ADDRESS = 0x10000
 SIZE = 64 * 1024
 
-# Samples EN (GPIO22) and IO0 (GPIO10) as the board sees them and relays each change to the
-# host sim's straps; logs every change with the guest's monotonic clock.
-STRAP_WATCHER = r"""
-import os, sys, time
-en_path, io0_path, log_path = sys.argv[1:4]
-tty = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY)
-import termios, tty as ttymod
-ttymod.setraw(tty)
-def level(path):
-    with open(path) as f:
-        return "high" if f.read(1) == "1" else "low"
-def relay(en, io0):
-    os.write(tty, f"en={en} io0={io0}\n".encode())
-    answer = b""
-    while not answer.endswith(b"\n"):
-        answer += os.read(tty, 64)
-log = open(log_path, "a", buffering=1)
-last = None
-while not os.path.exists("/run/strap-watcher-stop"):
-    now = (level(en_path), level(io0_path))
-    if now != last:
-        t = time.monotonic()
-        relay(*now)
-        log.write(f"{t:.6f} {now[0]} {now[1]}\n")
-        last = now
-    time.sleep(0.0005)
-"""
-
+# guest/strap-watcher.py samples EN (GPIO22) and IO0 (GPIO10) as the board sees them and
+# relays each change to the host sim's straps, logging it with the guest's monotonic clock.
 GUEST_SCRIPT = r"""
 set -euo pipefail
 H=/mnt/host
@@ -66,7 +40,7 @@ chgrp gpio "$GPIOSIM_DEV"; chmod 660 "$GPIOSIM_DEV"
 ls -l "$GPIOSIM_DEV" /dev/ttyS1
 
 stty -F /dev/ttyS2 115200 raw -echo
-python3 $H/strap-watcher.py "$GPIO22_VALUE" "$GPIO10_VALUE" $H/straps.log &
+python3 $H/strap-watcher.py $H/straps.log "en:g22=$GPIO22_VALUE" "io0:g10=$GPIO10_VALUE" &
 watcher=$!
 
 say "install the units and enable the socket"
@@ -134,7 +108,7 @@ def bootloader_entries(lines):
     en_low_at = None
     rise_at = None
     for line in lines:
-        t, en, io0 = line.split()
+        t, en, io0 = line.split()[:3]
         t = float(t)
         if en == "low" and en_low_at is None:
             en_low_at = t
@@ -151,10 +125,8 @@ def bootloader_entries(lines):
 
 def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_path):
     esptool_cmd(5)
-    watcher = tmp_path / "strap-watcher.py"
-    watcher.write_text(STRAP_WATCHER)
     units = [ROOT / "packaging" / "esp-bridge.socket", ROOT / "packaging" / "esp-bridge.service"]
-    v = boot(GUEST_SCRIPT, forwards=[2217, 2218], files=[esp_bridge_bin, watcher, *units],
+    v = boot(GUEST_SCRIPT, forwards=[2217, 2218], files=[esp_bridge_bin, *units],
              ttyS2=True, timeout=1200)
     flash_file = tmp_path / "flash.bin"
     events = tmp_path / "events.jsonl"
