@@ -124,7 +124,8 @@ def boot(vm_image, tmp_path, request):
         v = vmlib.VM(vm_image, tmp_path / f"vm{len(started)}", forwards=forwards, **kwargs)
         started.append(v)
         for helper in sorted(GUEST_HELPERS.iterdir()):
-            v.put(helper)
+            if helper.is_file():  # not a __pycache__ left by a local run
+                v.put(helper)
         for f in files:
             v.put(f)
         return v.start(guest_script)
