@@ -299,6 +299,11 @@ pub async fn serve_with(config: Config, control: SharedControl, reload: Option<R
         }
     };
     tracing::info!("serial device {}", config.serial.device.display());
+    if let Ok(target) = std::fs::canonicalize(&config.serial.device)
+        && let Some(hint) = crate::serial::debug_uart_hint(&config.serial.device, &target)
+    {
+        tracing::warn!("{hint}");
+    }
     {
         let c = control
             .lock()

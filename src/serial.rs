@@ -103,6 +103,18 @@ pub fn describe_open_error(path: &Path, e: &io::Error) -> String {
     }
 }
 
+/// A warning when `device` (as configured) resolves to `target`, the Raspberry Pi 5's debug
+/// connector UART: there `/dev/serial0` is not the UART on GPIO14/15 (that is ttyAMA0).
+pub fn debug_uart_hint(device: &Path, target: &Path) -> Option<String> {
+    (target == Path::new("/dev/ttyAMA10")).then(|| {
+        format!(
+            "serial device {} is {}, the Raspberry Pi 5's debug connector, not GPIO14 (TXD) / GPIO15 (RXD): if the ESP board is wired to those pins, set device = \"/dev/ttyAMA0\" in the config (esp-bridge setup-pi enables that UART)",
+            device.display(),
+            target.display()
+        )
+    })
+}
+
 fn to_io(e: serialport::Error) -> io::Error {
     io::Error::from(e)
 }
@@ -314,5 +326,24 @@ impl AsyncWrite for SerialDevice {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pi_5_debug_uart_is_named_with_the_fix() {
+        let hint = debug_uart_hint(Path::new("/dev/serial0"), Path::new("/dev/ttyAMA10"));
+        let hint = hint.expect("a warning for ttyAMA10");
+        assert!(hint.contains("/dev/serial0 is /dev/ttyAMA10"), "{hint}");
+        assert!(hint.contains("device = \"/dev/ttyAMA0\""), "{hint}");
+        for target in ["/dev/ttyAMA0", "/dev/ttyS0", "/dev/ttyUSB0", "/dev/pts/3"] {
+            assert_eq!(
+                debug_uart_hint(Path::new("/dev/serial0"), Path::new(target)),
+                None
+            );
+        }
     }
 }
