@@ -51,6 +51,25 @@ def start_sim(esp_bridge_bin, v, *args):
     return sim, LogReader(sim.stderr)
 
 
+def failure_context(v, sim_log):
+    """What to print when a step fails: the sim's log, the guest's strap log and its log."""
+
+    def context():
+        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps.log ---\n{v.read('straps.log', '')}"
+                f"\n--- guest ---\n{v.guest_log()}")
+
+    return context
+
+
+def wait_for_guest(v, flag, timeout, context):
+    """Waits for the guest's `flag` file; then the host URLs of its RFC 2217 and raw ports."""
+    try:
+        v.wait_for_file(flag, timeout=timeout)
+    except Exception as e:
+        pytest.fail(f"{e}{context()}", pytrace=False)
+    return f"rfc2217://127.0.0.1:{v.host_port(2217)}", f"socket://127.0.0.1:{v.host_port(2218)}"
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, esptool_cmd, run_esptool, slow_link_esptool_cfg, start_sim, stop
+from conftest import (ROOT, esptool_cmd, failure_context, run_esptool, slow_link_esptool_cfg, start_sim, stop,
+                      wait_for_guest)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "pi" / "bookworm" / "root" / "boot" / "firmware"
 
@@ -123,29 +124,19 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     events = tmp_path / "events.jsonl"
     sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--event-log", str(events))
 
-    def context():
-        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps ---\n{v.read('straps.log', '')}"
-                f"\n--- guest ---\n{v.guest_log()}")
+    context = failure_context(v, sim_log)
 
     cfg = slow_link_esptool_cfg(tmp_path)
     image = tmp_path / "app.bin"
     image.write_bytes(os.urandom(64 * 1024))
     try:
-        try:
-            v.wait_for_file("ready-1", timeout=1200)
-        except Exception as e:
-            pytest.fail(f"{e}{context()}", pytrace=False)
-        rfc = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
-        raw = f"socket://127.0.0.1:{v.host_port(2218)}"
+        rfc, raw = wait_for_guest(v, "ready-1", 1200, context)
         rc, out, _ = run_esptool(rfc, "write-flash", "0x10000", str(image), cfg=cfg)
         assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
         rc, out, _ = run_esptool(raw, "verify-flash", "0x10000", str(image), cfg=cfg)
         assert rc == 0 and "digest matched" in out, f"{out}{context()}"
         v.signal("phase-1-done")
-        try:
-            v.wait_for_file("ready-2", timeout=300)
-        except Exception as e:
-            pytest.fail(f"{e}{context()}", pytrace=False)
+        rfc, _ = wait_for_guest(v, "ready-2", 300, context)
         rc, out, _ = run_esptool(rfc, "chip-id", cfg=cfg)
         assert rc == 0, f"after the remap:\n{out}{context()}"
     finally:

@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-import pytest
-from conftest import ROOT, esptool_cmd, run_esptool, slow_link_esptool_cfg, start_sim, stop
+from conftest import (ROOT, esptool_cmd, failure_context, run_esptool, slow_link_esptool_cfg, start_sim, stop,
+                      wait_for_guest)
 
 ADDRESS = 0x10000
 SIZE = 64 * 1024
@@ -133,21 +133,14 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
     sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--flash-file", str(flash_file),
                              "--event-log", str(events))
 
-    def context():
-        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps.log ---\n{v.read('straps.log', '')}"
-                f"\n--- guest ---\n{v.guest_log()}")
+    context = failure_context(v, sim_log)
 
     cfg = slow_link_esptool_cfg(tmp_path)
     image = tmp_path / "app.bin"
     data = os.urandom(SIZE)
     image.write_bytes(data)
     try:
-        try:
-            v.wait_for_file("ready", timeout=900)
-        except Exception as e:
-            pytest.fail(f"{e}{context()}", pytrace=False)
-        rfc = f"rfc2217://127.0.0.1:{v.host_port(2217)}"
-        raw = f"socket://127.0.0.1:{v.host_port(2218)}"
+        rfc, raw = wait_for_guest(v, "ready", 900, context)
         rc, out, _ = run_esptool(rfc, "flash-id", cfg=cfg)
         assert rc == 0, f"flash-id over RFC 2217 failed:\n{out}{context()}"
         rc, out, _ = run_esptool(rfc, "write-flash", hex(ADDRESS), str(image), cfg=cfg)
