@@ -10,7 +10,7 @@ environment); `bench/run --help` lists the options. Sections:
             seconds per MiB (utime+stime) and peak RSS (VmHWM)
   callgrind instructions per MiB under valgrind --tool=callgrind (lockstep transfer)
   esptool   esptool 5 write-flash / read-flash of 1 MiB to the virtual ESP32 paced at the
-            wire rate (esp-bridge sim --pace)
+            wire rate (esp-sim --pace)
 """
 
 import argparse
@@ -807,7 +807,7 @@ def make_image(size):
 class Sim:
     def __init__(self, tag):
         link = os.path.join(TMP, f"esp32-{tag}")
-        self.proc = spawn([CFG.bin, "sim", "--pace", "--boot", "download", "--link", link],
+        self.proc = spawn([CFG.sim, "--pace", "--boot", "download", "--link", link],
                           f"sim-{tag}.log", stdout=subprocess.PIPE, text=True)
         read_line(self.proc.stdout, 10, "the sim's device path")
         self.path = os.path.realpath(link)
@@ -957,6 +957,9 @@ def main():
     # Inputs from bench/run.
     CFG.bin = os.path.join(TMP, "esp-bridge")
     shutil.copy2(os.environ["BENCH_ESP_BRIDGE"], CFG.bin)  # immune to rebuilds during the run
+    # The virtual ESP32 (crates/esp-sim) is the same for every route: this tree's build.
+    CFG.sim = os.path.join(TMP, "esp-sim")
+    shutil.copy2(os.environ["BENCH_ESP_SIM"], CFG.sim)
     CFG.esptool = os.path.join(os.path.dirname(PY), "esptool")
     CFG.empty_toml = os.path.join(TMP, "empty.toml")
     open(CFG.empty_toml, "w").close()
@@ -1237,7 +1240,7 @@ def report(results, routes, esptool_ops, img_size, quick):
     est = results["esptool"]
     if est:
         out.append("### 6. esptool 5 against the virtual ESP32 paced at the wire rate (s, whole command)\n")
-        out.append(f"`esp-bridge sim --pace --boot download`; image {img_size >> 10} KiB, deterministic, "
+        out.append(f"`esp-sim --pace --boot download`; image {img_size >> 10} KiB, deterministic, "
                    f"zlib -9 to {results.get('image_ratio', 0) * 100:.0f} %; every route "
                    "`--before no-reset --after no-reset`; esp_rfc2217_server needs `?ign_set_control`."
                    " read = `-b 921600 read-flash` of the same size.\n")

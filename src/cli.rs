@@ -76,7 +76,7 @@ enum Command {
     /// Serve a virtual ESP32 on this machine: no hardware needed
     Demo(crate::demo::DemoArgs),
     /// Run only the virtual ESP32, on a pseudo-terminal or a unix socket (for tests)
-    Sim(crate::demo::SimArgs),
+    Sim(esp_sim::SimArgs),
     /// Make the Raspberry Pi's full UART on GPIO14/15 free for the board (config.txt, cmdline.txt,
     /// hciuart); the package runs it on install and --revert on removal
     SetupPi(crate::setup_pi::SetupPiArgs),
@@ -124,7 +124,7 @@ pub fn run() -> u8 {
             Err(code) => code,
         },
         Command::Demo(args) => crate::demo::run_demo(args, &overrides),
-        Command::Sim(args) => crate::demo::run_sim(args),
+        Command::Sim(args) => esp_sim::run_cli(args),
         Command::SetupPi(args) => crate::setup_pi::run(args),
     }
 }

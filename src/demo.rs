@@ -1,4 +1,4 @@
-//! `esp-bridge demo` and `esp-bridge sim`: the bridge in front of a virtual ESP32, so that
+//! `esp-bridge demo`: the bridge in front of a virtual ESP32 (the esp-sim crate), so that
 //! esptool, idf.py monitor and pyserial can be tried on any Linux machine.
 //!
 //! The demo is the production server with two seams replaced: the serial device is the
@@ -12,7 +12,7 @@ use crate::cli::exit;
 use crate::config::{Config, ControlBackend, ControlMode, Overrides};
 use crate::control::{LineDriver, Straps};
 use crate::modem::{ModemLines, ModemPort};
-use crate::sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
+use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,42 +49,6 @@ enum Wiring {
 enum DemoMode {
     Esp,
     Direct,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct SimArgs {
-    /// Symlink to create to the pseudo-terminal (the device path to give the bridge)
-    #[arg(long, value_name = "PATH")]
-    link: Option<PathBuf>,
-    /// What the chip does at power-on
-    #[arg(long, value_enum, default_value = "download")]
-    boot: SimBoot,
-    /// Append the chip's pin and mode events to this file (JSON lines)
-    #[arg(long, value_name = "PATH")]
-    event_log: Option<PathBuf>,
-    /// Keep the flash in this file
-    #[arg(long, value_name = "PATH")]
-    flash_file: Option<PathBuf>,
-    /// Make the UART as slow as a real one
-    #[arg(long)]
-    pace: bool,
-    /// Instead of a pseudo-terminal, connect the chip's UART to this unix stream socket (a VM's
-    /// serial port, e.g. qemu -chardev socket,path=PATH,server=on,wait=off). The host's baud
-    /// rate cannot be seen through it: the chip assumes the host is at the chip's rate
-    #[arg(long, value_name = "PATH", conflicts_with = "link")]
-    connect_unix: Option<PathBuf>,
-    /// Listen on this unix stream socket for strap changes: a line `en=low io0=high` sets both
-    /// pins at once (either alone keeps the other), `get` reads them; answers `ok`
-    #[arg(long, value_name = "PATH")]
-    control_unix: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum SimBoot {
-    /// Run the application
-    App,
-    /// Wait in the ROM loader ("waiting for download")
-    Download,
 }
 
 fn level(asserted: bool) -> Level {
@@ -220,33 +184,4 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
     });
     drop(sim);
     code
-}
-
-pub fn run_sim(args: SimArgs) -> u8 {
-    let sim = match start_sim(SimConfig {
-        pace: args.pace,
-        power_on: match args.boot {
-            SimBoot::App => BootMode::App,
-            SimBoot::Download => BootMode::Download,
-        },
-        event_log: args.event_log,
-        flash_file: args.flash_file,
-        link: args.link,
-        connect_unix: args.connect_unix,
-        control_unix: args.control_unix,
-        ..SimConfig::default()
-    }) {
-        Ok(sim) => sim,
-        Err(code) => return code,
-    };
-    // The path on stdout, alone, so scripts can read it.
-    println!("{}", sim.device_path().display());
-    eprintln!("virtual ESP32 running; Ctrl-C or SIGTERM stops it");
-    let rt = match crate::cli::runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    rt.block_on(crate::shutdown::requested());
-    drop(sim);
-    exit::OK
 }

@@ -6,7 +6,7 @@
 //! - [`serial`] and [`control`]: the device backends (the UART, the EN/IO0 lines),
 //! - [`server`] and [`shutdown`]: accepting clients, one at a time, and stopping cleanly,
 //! - [`config`] and [`cli`]: the edge where users configure and start it,
-//! - [`sim`] and [`demo`]: a virtual ESP32 on a pseudo-terminal, for the demo and the tests.
+//! - [`demo`]: the bridge in front of the virtual ESP32 of the esp-sim crate.
 
 pub mod cli;
 pub mod config;
@@ -21,5 +21,4 @@ pub mod server;
 pub mod session;
 pub mod setup_pi;
 pub mod shutdown;
-pub mod sim;
 pub mod systemd;

@@ -15,16 +15,10 @@
 
 use super::Event;
 
-const SLIP_END: u8 = 0xC0;
-const SLIP_ESC: u8 = 0xDB;
-const SLIP_ESC_END: u8 = 0xDC;
-const SLIP_ESC_ESC: u8 = 0xDD;
-
-/// Loader request/response directions and the commands followed here.
-const DIR_REQUEST: u8 = 0x00;
-const DIR_RESPONSE: u8 = 0x01;
-const OP_SYNC: u8 = 0x08;
-const OP_CHANGE_BAUDRATE: u8 = 0x0F;
+use esp_loader::slip::{
+    END as SLIP_END, ESC as SLIP_ESC, ESC_END as SLIP_ESC_END, ESC_ESC as SLIP_ESC_ESC,
+};
+use esp_loader::{DIR_REQUEST, DIR_RESPONSE, op};
 
 /// Bytes of a frame kept for inspection: the 8-byte header and the first data words are all
 /// that matters; the rest of a 16 KiB flash block is only counted.
@@ -119,7 +113,13 @@ impl Default for EspRaw {
 }
 
 /// The start of a SYNC request as esptool sends it: END, direction 0, SYNC, length 36.
-const SYNC_START: [u8; 5] = [SLIP_END, DIR_REQUEST, OP_SYNC, 36, 0];
+const SYNC_START: [u8; 5] = [
+    SLIP_END,
+    DIR_REQUEST,
+    op::SYNC,
+    esp_loader::SYNC_DATA_LEN.to_le_bytes()[0],
+    esp_loader::SYNC_DATA_LEN.to_le_bytes()[1],
+];
 
 impl EspRaw {
     pub fn new() -> Self {
@@ -165,7 +165,7 @@ impl EspRaw {
         }
         let pending = &mut self.pending_baud;
         self.to_chip.feed(bytes, |head, _| {
-            if head.len() >= 12 && head[0] == DIR_REQUEST && head[1] == OP_CHANGE_BAUDRATE {
+            if head.len() >= 12 && head[0] == DIR_REQUEST && head[1] == op::CHANGE_BAUDRATE {
                 let new = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
                 *pending = (new > 0).then_some(new);
             }
@@ -186,7 +186,7 @@ impl EspRaw {
         let mut switch = None;
         let pending = self.pending_baud;
         self.from_chip.feed(data, |head, len| {
-            if head.len() >= 8 && head[0] == DIR_RESPONSE && head[1] == OP_CHANGE_BAUDRATE {
+            if head.len() >= 8 && head[0] == DIR_RESPONSE && head[1] == op::CHANGE_BAUDRATE {
                 // The data is the status bytes (4 from the ROM, 2 from the stub): 0 = done.
                 let ok = len > 8 && head.get(8) == Some(&0);
                 switch = Some(ok);
@@ -221,13 +221,13 @@ mod tests {
     }
 
     fn sync_frame() -> Vec<u8> {
-        let mut p = vec![DIR_REQUEST, OP_SYNC, 36, 0, 0, 0, 0, 0, 7, 7, 0x12, 0x20];
+        let mut p = vec![DIR_REQUEST, op::SYNC, 36, 0, 0, 0, 0, 0, 7, 7, 0x12, 0x20];
         p.extend([0x55; 32]);
         slip(&p)
     }
 
     fn change_baud(baud: u32) -> Vec<u8> {
-        let mut p = vec![DIR_REQUEST, OP_CHANGE_BAUDRATE, 8, 0, 0, 0, 0, 0];
+        let mut p = vec![DIR_REQUEST, op::CHANGE_BAUDRATE, 8, 0, 0, 0, 0, 0];
         p.extend(baud.to_le_bytes());
         p.extend(0u32.to_le_bytes());
         slip(&p)
@@ -270,7 +270,7 @@ mod tests {
     fn baud_switch_follows_a_successful_reply_split_anywhere() {
         for status in [&[0u8, 0, 0, 0][..], &[0, 0]] {
             let req = change_baud(921_600);
-            let rep = reply(OP_CHANGE_BAUDRATE, status);
+            let rep = reply(op::CHANGE_BAUDRATE, status);
             for split in 0..=req.len() {
                 let mut r = EspRaw::new();
                 let mut ev = Vec::new();
@@ -296,9 +296,9 @@ mod tests {
         r.from_client(&change_baud(460_800), &mut ev);
         ev.clear();
         let mut out = Vec::new();
-        r.from_device(&reply(OP_SYNC, &[0, 0]), &mut out, &mut ev);
-        r.from_device(&reply(OP_CHANGE_BAUDRATE, &[1, 5]), &mut out, &mut ev);
-        r.from_device(&reply(OP_CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
+        r.from_device(&reply(op::SYNC, &[0, 0]), &mut out, &mut ev);
+        r.from_device(&reply(op::CHANGE_BAUDRATE, &[1, 5]), &mut out, &mut ev);
+        r.from_device(&reply(op::CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
         assert!(ev.is_empty(), "{ev:?}");
     }
 
@@ -323,7 +323,7 @@ mod tests {
             );
             ev.clear();
             let mut out = Vec::new();
-            r.from_device(&reply(OP_CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
+            r.from_device(&reply(op::CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
             assert_eq!(ev, vec![Event::SwitchBaud(460_800)], "chunk {chunk}");
         }
     }
@@ -337,7 +337,7 @@ mod tests {
         r.from_client(&change_baud(baud), &mut ev);
         ev.clear();
         let mut out = Vec::new();
-        r.from_device(&reply(OP_CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
+        r.from_device(&reply(op::CHANGE_BAUDRATE, &[0, 0]), &mut out, &mut ev);
         assert_eq!(ev, vec![Event::SwitchBaud(baud)]);
     }
 }

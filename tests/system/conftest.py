@@ -3,6 +3,7 @@ pyserial and esptool clients over real TCP.
 
 Environment (set by scripts/test):
   ESP_BRIDGE_BIN     the binary under test (default: target/release/esp-bridge)
+  ESP_SIM_BIN        the virtual ESP32 (default: esp-sim beside ESP_BRIDGE_BIN)
   ESP_BRIDGE_VENV4   a venv with esptool 4.x (default: ~/.cache/esp-bridge/venv-esptool4)
   ESP_BRIDGE_VENV5   a venv with esptool 5.x (default: ~/.cache/esp-bridge/venv-esptool5)
 """
@@ -22,6 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("ESP_BRIDGE_CACHE", Path.home() / ".cache" / "esp-bridge"))
 BIN = Path(os.environ.get("ESP_BRIDGE_BIN", ROOT / "target" / "release" / "esp-bridge"))
+# The virtual ESP32 on its own (crates/esp-sim), for tests that put a chip behind a device path.
+SIM_BIN = Path(os.environ.get("ESP_SIM_BIN", BIN.parent / "esp-sim"))
 
 
 def free_port():

@@ -12,7 +12,7 @@ import time
 import pytest
 import serial
 
-from conftest import BIN, ROOT, FakeNotify, LogReader, esptool_cmd, free_port
+from conftest import BIN, ROOT, SIM_BIN, FakeNotify, LogReader, esptool_cmd, free_port
 from test_pyserial import device_speed
 
 UNIT = ROOT / "packaging" / "esp-bridge.service"
@@ -21,7 +21,7 @@ UNIT = ROOT / "packaging" / "esp-bridge.service"
 def start_sim(tmp_path):
     link = tmp_path / "ttyESP"
     proc = subprocess.Popen(
-        [str(BIN), "sim", "--link", str(link), "--boot", "download"],
+        [str(SIM_BIN), "--link", str(link), "--boot", "download"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     assert proc.stdout.readline().strip(), "sim prints its device path"

@@ -37,14 +37,15 @@ def _system_helpers():
 system = _system_helpers()
 BIN = system.BIN
 LogReader = system.LogReader
+SIM_BIN = system.SIM_BIN
 esptool_cmd = system.esptool_cmd
 GUEST_HELPERS = HERE / "guest"
 
 
-def start_sim(esp_bridge_bin, v, *args):
+def start_sim(v, *args):
     """The virtual ESP32 on the VM's /dev/ttyS1, its straps driven from ttyS2; with its log."""
     sim = subprocess.Popen(
-        [str(esp_bridge_bin), "sim", "--connect-unix", str(v.ttyS1), "--control-unix", str(v.ttyS2), *args],
+        [str(SIM_BIN), "--connect-unix", str(v.ttyS1), "--control-unix", str(v.ttyS2), *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=vmlib.die_with_parent,
     )

@@ -122,7 +122,7 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
              files=[deb1, deb2, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
              ttyS2=True, timeout=1500)
     events = tmp_path / "events.jsonl"
-    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--event-log", str(events))
+    sim, sim_log = start_sim(v, "--boot", "app", "--event-log", str(events))
 
     context = failure_context(v, sim_log)
 

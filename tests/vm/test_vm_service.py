@@ -130,7 +130,7 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
              ttyS2=True, timeout=1200)
     flash_file = tmp_path / "flash.bin"
     events = tmp_path / "events.jsonl"
-    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "app", "--flash-file", str(flash_file),
+    sim, sim_log = start_sim(v, "--boot", "app", "--flash-file", str(flash_file),
                              "--event-log", str(events))
 
     context = failure_context(v, sim_log)

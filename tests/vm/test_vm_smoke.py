@@ -105,7 +105,7 @@ def test_esptool_flashes_the_host_sim_through_the_bridge_in_a_booted_debian(boot
     v = boot(GUEST_SCRIPT, forwards=[2217], files=[esp_bridge_bin], ttyS2=True, timeout=900)
     flash_file = tmp_path / "flash.bin"
     events = tmp_path / "events.jsonl"
-    sim, sim_log = start_sim(esp_bridge_bin, v, "--boot", "download", "--flash-file", str(flash_file),
+    sim, sim_log = start_sim(v, "--boot", "download", "--flash-file", str(flash_file),
                              "--event-log", str(events))
 
     def context():

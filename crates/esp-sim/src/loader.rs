@@ -26,30 +26,7 @@ use md5::{Digest, Md5};
 use super::flash::{self, Flash};
 use super::regs::{self, Registers};
 
-pub mod op {
-    pub const FLASH_BEGIN: u8 = 0x02;
-    pub const FLASH_DATA: u8 = 0x03;
-    pub const FLASH_END: u8 = 0x04;
-    pub const MEM_BEGIN: u8 = 0x05;
-    pub const MEM_END: u8 = 0x06;
-    pub const MEM_DATA: u8 = 0x07;
-    pub const SYNC: u8 = 0x08;
-    pub const WRITE_REG: u8 = 0x09;
-    pub const READ_REG: u8 = 0x0A;
-    pub const SPI_SET_PARAMS: u8 = 0x0B;
-    pub const SPI_ATTACH: u8 = 0x0D;
-    pub const READ_FLASH_SLOW: u8 = 0x0E;
-    pub const CHANGE_BAUDRATE: u8 = 0x0F;
-    pub const FLASH_DEFL_BEGIN: u8 = 0x10;
-    pub const FLASH_DEFL_DATA: u8 = 0x11;
-    pub const FLASH_DEFL_END: u8 = 0x12;
-    pub const SPI_FLASH_MD5: u8 = 0x13;
-    pub const GET_SECURITY_INFO: u8 = 0x14;
-    pub const ERASE_FLASH: u8 = 0xD0;
-    pub const ERASE_REGION: u8 = 0xD1;
-    pub const READ_FLASH: u8 = 0xD2;
-    pub const RUN_USER_CODE: u8 = 0xD3;
-}
+pub use esp_loader::{STUB_HELLO, checksum, op};
 
 /// ROM loader error codes (second status byte after a 1).
 mod rom_err {
@@ -75,17 +52,12 @@ mod stub_err {
     pub const CMD_NOT_IMPLEMENTED: u8 = 0xFF;
 }
 
-/// Seed of the XOR checksum over a data packet's payload.
-pub const CHECKSUM_SEED: u8 = 0xEF;
-
 /// What the ROM puts in the value field of a SYNC reply (left over from the
 /// sync pattern it has just received; any non-zero value tells esptool that
 /// it talks to the ROM, not to an already running stub).
 const ROM_SYNC_VALUE: u32 = u32::from_le_bytes([0x07, 0x12, 0x20, 0x55]);
 /// The ROM answers one SYNC eight times; esptool reads the seven extras.
 const SYNC_REPLIES: usize = 8;
-/// The stub announces itself with this frame once it runs.
-pub const STUB_HELLO: &[u8] = b"OHAI";
 
 const ROM_APB_HZ: u32 = 40_000_000;
 const STUB_APB_HZ: u32 = 80_000_000;
@@ -185,10 +157,6 @@ fn le32(b: &[u8], word: usize) -> Option<u32> {
     Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-pub fn checksum(data: &[u8]) -> u8 {
-    data.iter().fold(CHECKSUM_SEED, |acc, b| acc ^ b)
-}
-
 fn hex_lower(bytes: &[u8]) -> Vec<u8> {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     bytes
@@ -215,6 +183,7 @@ impl Loader {
         }
     }
 
+    #[cfg(test)]
     pub fn stage(&self) -> Stage {
         self.stage
     }

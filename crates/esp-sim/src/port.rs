@@ -116,6 +116,7 @@ impl UnixPort {
         &self.path
     }
 
+    #[cfg(test)]
     pub fn is_connected(&self) -> bool {
         self.stream.is_some()
     }

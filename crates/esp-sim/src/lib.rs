@@ -15,16 +15,18 @@
 //! are pure and unit-tested; [`pty`], [`port`], [`control_socket`] and
 //! [`chip`] do the I/O.
 
-pub mod app;
-pub mod chip;
-pub mod control_socket;
-pub mod flash;
-pub mod loader;
-pub mod port;
-pub mod pty;
-pub mod regs;
-pub mod slip;
-pub mod uart;
+mod app;
+mod chip;
+mod cli;
+mod control_socket;
+mod flash;
+mod loader;
+mod port;
+mod pty;
+mod regs;
+mod uart;
+
+use esp_loader::slip;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -38,6 +40,7 @@ use std::time::Instant;
 
 use rustix::event::{EventfdFlags, eventfd};
 
+pub use cli::{SimArgs, run as run_cli};
 pub use flash::Flash;
 
 /// The electrical level of a strap pin. Released pins are pulled up (High).

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use esp_bridge::sim::{BootMode, ChipMode, Direction, Esp32Sim, SimConfig, SimEventKind};
+use esp_sim::{BootMode, ChipMode, Direction, Esp32Sim, SimConfig, SimEventKind};
 
 const MIB: usize = 1 << 20;
 

@@ -139,10 +139,6 @@ impl ControlSocket {
             thread: Some(thread),
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for ControlSocket {

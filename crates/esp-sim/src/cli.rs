@@ -1,0 +1,89 @@
+//! The simulator's command line (`esp-sim`, and `esp-bridge sim`): one virtual ESP32 on a
+//! pseudo-terminal or a unix socket until SIGTERM or SIGINT.
+
+use crate::{BootMode, Esp32Sim, SimConfig};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Symlink to create to the pseudo-terminal (the device path to give the bridge)
+    #[arg(long, value_name = "PATH")]
+    link: Option<PathBuf>,
+    /// What the chip does at power-on
+    #[arg(long, value_enum, default_value = "download")]
+    boot: SimBoot,
+    /// Append the chip's pin and mode events to this file (JSON lines)
+    #[arg(long, value_name = "PATH")]
+    event_log: Option<PathBuf>,
+    /// Keep the flash in this file
+    #[arg(long, value_name = "PATH")]
+    flash_file: Option<PathBuf>,
+    /// Make the UART as slow as a real one
+    #[arg(long)]
+    pace: bool,
+    /// Instead of a pseudo-terminal, connect the chip's UART to this unix stream socket (a VM's
+    /// serial port, e.g. qemu -chardev socket,path=PATH,server=on,wait=off). The host's baud
+    /// rate cannot be seen through it: the chip assumes the host is at the chip's rate
+    #[arg(long, value_name = "PATH", conflicts_with = "link")]
+    connect_unix: Option<PathBuf>,
+    /// Listen on this unix stream socket for strap changes: a line `en=low io0=high` sets both
+    /// pins at once (either alone keeps the other), `get` reads them; answers `ok`
+    #[arg(long, value_name = "PATH")]
+    control_unix: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SimBoot {
+    /// Run the application
+    App,
+    /// Wait in the ROM loader ("waiting for download")
+    Download,
+}
+
+/// Runs the simulator until SIGTERM or SIGINT; returns the process exit code (0, or 1 when it
+/// could not start, said on stderr).
+pub fn run(args: SimArgs) -> u8 {
+    let sim = match Esp32Sim::start(SimConfig {
+        pace: args.pace,
+        power_on: match args.boot {
+            SimBoot::App => BootMode::App,
+            SimBoot::Download => BootMode::Download,
+        },
+        event_log: args.event_log,
+        flash_file: args.flash_file,
+        link: args.link,
+        connect_unix: args.connect_unix,
+        control_unix: args.control_unix,
+        ..SimConfig::default()
+    }) {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("esp-sim: cannot start the virtual ESP32: {e}");
+            return 1;
+        }
+    };
+    // The path on stdout, alone, so scripts can read it.
+    println!("{}", sim.device_path().display());
+    eprintln!("virtual ESP32 running; Ctrl-C or SIGTERM stops it");
+    if let Err(e) = wait_for_stop() {
+        eprintln!("esp-sim: cannot wait for signals ({e}); stopping");
+    }
+    drop(sim);
+    0
+}
+
+fn wait_for_stop() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
+}
