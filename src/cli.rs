@@ -3,25 +3,12 @@
 //! `main` only calls [`run`] and exits with the code it returns, so every path to an exit
 //! code is here and testable.
 
-use crate::config::{Config, ConfigError, ControlBackend, ControlConfig, ControlMode, Overrides};
-use crate::control::{Control, DirectControl, LineDriver, NoControl};
-use crate::gpio::GpioLines;
-use crate::modem::{ModemLines, ModemPassthrough, TtyModem};
-use crate::reset::EspControl;
-use crate::server::{PortKind, Reload};
-use crate::session::SharedControl;
+use crate::config::{Config, ControlBackend, Overrides};
+use crate::error::{Error, Status};
+use crate::server::Reload;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-
-/// Exit codes, following sysexits.h where one fits (systemd knows 78 as "configuration").
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 64;
-    pub const CONFIG: u8 = 78;
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,9 +76,9 @@ pub fn run() -> u8 {
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
-                exit::USAGE
+                Status::Usage.code()
             } else {
-                exit::OK
+                0
             };
         }
     };
@@ -103,50 +90,45 @@ pub fn run() -> u8 {
         baud: cli.options.baud,
         control: cli.options.control,
     };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => match load(&cli.options, &overrides) {
-            Ok(config) => {
-                let path = cli.options.config.clone();
-                let reload: Reload =
-                    Box::new(move || match Config::load(path.as_deref(), &overrides) {
-                        Ok((config, _)) => Some(config),
-                        Err(e) => {
-                            tracing::error!("SIGHUP: keeping the running configuration: {e}");
-                            None
-                        }
-                    });
-                serve(config, reload)
-            }
-            Err(code) => code,
-        },
-        Command::CheckConfig => match load(&cli.options, &overrides) {
-            Ok(config) => check_config(&config),
-            Err(code) => code,
-        },
+    let command = cli.command.unwrap_or(Command::Serve);
+    let prefix = match command {
+        Command::SetupPi(_) => "esp-bridge setup-pi",
+        _ => "esp-bridge",
+    };
+    let result = match command {
+        Command::Serve => load(&cli.options, &overrides).and_then(|config| {
+            let path = cli.options.config.clone();
+            let reload: Reload =
+                Box::new(move || match Config::load(path.as_deref(), &overrides) {
+                    Ok((config, _)) => Some(config),
+                    Err(e) => {
+                        tracing::error!("SIGHUP: keeping the running configuration: {e}");
+                        None
+                    }
+                });
+            crate::service::run(config, reload)
+        }),
+        Command::CheckConfig => load(&cli.options, &overrides).map(|config| check_config(&config)),
         Command::Demo(args) => crate::demo::run_demo(args, &overrides),
-        Command::Sim(args) => esp_sim::run_cli(args),
+        Command::Sim(args) => esp_sim::run_cli(args).map_err(Error::failure),
         Command::SetupPi(args) => crate::setup_pi::run(args),
-    }
-}
-
-fn load(options: &Options, overrides: &Overrides) -> Result<Config, u8> {
-    match Config::load(options.config.as_deref(), overrides) {
-        Ok((config, source)) => {
-            tracing::debug!("configuration from {source}");
-            Ok(config)
-        }
+    };
+    match result {
+        Ok(()) => 0,
         Err(e) => {
-            report_config_error(&e);
-            Err(exit::CONFIG)
+            eprintln!("{prefix}: {e}");
+            e.status().code()
         }
     }
 }
 
-fn report_config_error(e: &ConfigError) {
-    eprintln!("esp-bridge: {e}");
+fn load(options: &Options, overrides: &Overrides) -> crate::error::Result<Config> {
+    let (config, source) = Config::load(options.config.as_deref(), overrides)?;
+    tracing::debug!("configuration from {source}");
+    Ok(config)
 }
 
-fn check_config(config: &Config) -> u8 {
+fn check_config(config: &Config) {
     let s = &config.serial;
     println!(
         "configuration OK\n  serial:  {} at {} baud, {} data bits, parity {:?}, {} stop bit(s), flow control {:?}",
@@ -176,163 +158,4 @@ fn check_config(config: &Config) -> u8 {
             s.device.display()
         );
     }
-    exit::OK
-}
-
-async fn listeners(
-    config: &Config,
-) -> Result<Vec<(tokio::net::TcpListener, PortKind)>, (u8, String)> {
-    let raw_ports: Vec<u16> = config.network.raw_listen.iter().map(|a| a.port()).collect();
-    let inherited =
-        crate::systemd::inherited_listeners(&raw_ports).map_err(|e| (exit::CONFIG, e))?;
-    let mut out = Vec::new();
-    if let Some(sockets) = inherited {
-        for s in sockets {
-            let l = tokio::net::TcpListener::from_std(s.listener).map_err(|e| {
-                (
-                    exit::FAILURE,
-                    format!("cannot use the socket from systemd: {e}"),
-                )
-            })?;
-            if let Ok(a) = l.local_addr() {
-                tracing::info!(
-                    "listening on {a} for {} clients (socket \"{}\" passed by systemd; [network] listen is not used)",
-                    s.kind,
-                    s.name
-                );
-            }
-            out.push((l, s.kind));
-        }
-        return Ok(out);
-    }
-    let wanted = config
-        .network
-        .listen
-        .iter()
-        .map(|a| (a, PortKind::Rfc2217))
-        .chain(
-            config
-                .network
-                .raw_listen
-                .iter()
-                .map(|a| (a, PortKind::EspRaw)),
-        );
-    for (addr, kind) in wanted {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            (
-                exit::FAILURE,
-                format!(
-                    "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) may use the port; change [network] listen / raw_listen, or --listen / --raw-listen"
-                ),
-            )
-        })?;
-        if let Ok(a) = l.local_addr() {
-            tracing::info!("listening on {a} for {kind} clients");
-        }
-        out.push((l, kind));
-    }
-    Ok(out)
-}
-
-/// Builds the control-line policy the configuration asks for. Must run inside the runtime
-/// (the reset engine is a task).
-pub fn build_control(config: &Config) -> Result<Box<dyn Control>, String> {
-    let driver: Box<dyn LineDriver> = match config.control.backend {
-        ControlBackend::None => return Ok(Box::new(NoControl)),
-        ControlBackend::Gpio => Box::new(GpioLines::open(&config.control.gpio)?),
-        ControlBackend::Modem => {
-            let port = TtyModem::open(&config.serial.device)?;
-            if config.control.mode == ControlMode::Direct {
-                return Ok(Box::new(ModemPassthrough::new(port)));
-            }
-            Box::new(ModemLines::new(port))
-        }
-    };
-    Ok(control_over(driver, &config.control))
-}
-
-/// The policy of `[control] mode` over a line driver.
-pub fn control_over(driver: Box<dyn LineDriver>, c: &ControlConfig) -> Box<dyn Control> {
-    match c.mode {
-        ControlMode::Esp => Box::new(EspControl::start(driver, c.after_disconnect)),
-        ControlMode::Direct => Box::new(DirectControl::new(driver)),
-    }
-}
-
-/// The async runtime, or the exit code after saying why there is none.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, u8> {
-    // One thread: the bridge moves one client's bytes at a time, and a Pi Zero has one core.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("esp-bridge: cannot start the async runtime: {e}");
-            exit::FAILURE
-        })
-}
-
-fn serve(config: Config, reload: Reload) -> u8 {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    rt.block_on(async {
-        let control = match build_control(&config) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("esp-bridge: {e}");
-                return exit::CONFIG;
-            }
-        };
-        serve_with(config, Arc::new(Mutex::new(control)), Some(reload)).await
-    })
-}
-
-/// Takes the sockets systemd passed in, or binds the configured addresses, and serves until
-/// SIGTERM/SIGINT.
-pub async fn serve_with(config: Config, control: SharedControl, reload: Option<Reload>) -> u8 {
-    let listeners = match listeners(&config).await {
-        Ok(l) => l,
-        Err((code, message)) => {
-            eprintln!("esp-bridge: {message}");
-            return code;
-        }
-    };
-    tracing::info!("serial device {}", config.serial.device.display());
-    if let Ok(target) = std::fs::canonicalize(&config.serial.device)
-        && let Some(hint) = crate::serial::debug_uart_hint(&config.serial.device, &target)
-    {
-        tracing::warn!("{hint}");
-    }
-    {
-        let c = control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        tracing::info!("control lines: {}", c.describe());
-    }
-    crate::server::serve(
-        config,
-        listeners,
-        control.clone(),
-        crate::shutdown::requested(),
-        reload,
-    )
-    .await;
-    // The lines go to their safe state before the process (and its line request) ends.
-    let settled = {
-        let mut c = control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = c.release() {
-            tracing::error!("releasing the control lines failed: {e}");
-        }
-        c.settled()
-    };
-    if tokio::time::timeout(std::time::Duration::from_secs(3), settled)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the control lines did not reach their safe state in time");
-    }
-    exit::OK
 }

@@ -8,9 +8,9 @@
 //! backend sees one. Everything above that seam (the reset engine, the line translation) is
 //! the production code.
 
-use crate::cli::exit;
 use crate::config::{Config, ControlBackend, ControlMode, Overrides};
 use crate::control::{LineDriver, Straps};
+use crate::error::{Error, Result};
 use crate::modem::{ModemLines, ModemPort};
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::net::SocketAddr;
@@ -112,24 +112,15 @@ impl ModemPort for SimAutoProgram {
 const DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2217);
 const DEMO_RAW_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2218);
 
-fn start_sim(config: SimConfig) -> Result<Esp32Sim, u8> {
-    Esp32Sim::start(config).map_err(|e| {
-        eprintln!("esp-bridge: cannot start the virtual ESP32: {e}");
-        exit::FAILURE
-    })
-}
-
-pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
-    let sim = match start_sim(SimConfig {
+pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
+    let sim = Esp32Sim::start(SimConfig {
         pace: args.pace,
         power_on: BootMode::App,
         event_log: args.event_log,
         flash_file: args.flash_file,
         ..SimConfig::default()
-    }) {
-        Ok(sim) => sim,
-        Err(code) => return code,
-    };
+    })
+    .map_err(|e| Error::failure(format!("cannot start the virtual ESP32: {e}")))?;
     let mut config = Config::default();
     config.network.listen = vec![SocketAddr::from(DEMO_LISTEN)];
     config.network.raw_listen = vec![SocketAddr::from(DEMO_RAW_LISTEN)];
@@ -138,10 +129,9 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
     // The device and the control lines are the virtual chip's; the rest may be overridden.
     demo_overrides.device = None;
     demo_overrides.control = None;
-    if let Err(e) = config.apply(&demo_overrides) {
-        eprintln!("esp-bridge: {e}");
-        return exit::USAGE;
-    }
+    config
+        .apply(&demo_overrides)
+        .map_err(|e| Error::usage(e.to_string()))?;
     let first = |addrs: &[SocketAddr], scheme: &str| {
         addrs
             .first()
@@ -174,14 +164,10 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> u8 {
         DemoMode::Esp => ControlMode::Esp,
         DemoMode::Direct => ControlMode::Direct,
     };
-    let rt = match crate::cli::runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let code = rt.block_on(async {
-        let control = crate::cli::control_over(driver, &config.control);
-        crate::cli::serve_with(config, Arc::new(Mutex::new(control)), None).await
+    let served = crate::service::runtime()?.block_on(async {
+        let control = crate::service::control_over(driver, &config.control);
+        crate::service::serve_with(config, Arc::new(Mutex::new(control)), None).await
     });
     drop(sim);
-    code
+    served
 }

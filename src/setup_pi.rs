@@ -17,7 +17,7 @@
 //! file is still as we left it, or by undoing our edits one by one when someone edited it since
 //! (their edits stay).
 
-use crate::cli::exit;
+use crate::error::Error;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -751,16 +751,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The command.
 
-/// Runs `esp-bridge setup-pi` and returns the exit code.
-pub fn run(args: SetupPiArgs) -> u8 {
+/// Runs `esp-bridge setup-pi`.
+pub fn run(args: SetupPiArgs) -> crate::error::Result {
     if let Some(root) = &args.root
         && !root.is_dir()
     {
-        eprintln!(
-            "esp-bridge setup-pi: --root {}: no such directory\n  hint: pass the directory where the Pi's root file system is mounted",
+        return Err(Error::usage(format!(
+            "--root {}: no such directory\n  hint: pass the directory where the Pi's root file system is mounted",
             root.display()
-        );
-        return exit::USAGE;
+        )));
     }
     let sys = System { root: args.root };
     let result = if args.revert {
@@ -768,13 +767,7 @@ pub fn run(args: SetupPiArgs) -> u8 {
     } else {
         apply(&sys, args.dry_run, args.assume_pi)
     };
-    match result {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("esp-bridge setup-pi: {e}");
-            exit::FAILURE
-        }
-    }
+    result.map_err(Error::failure)
 }
 
 struct FilePlan {

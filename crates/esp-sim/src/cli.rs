@@ -40,9 +40,8 @@ enum SimBoot {
     Download,
 }
 
-/// Runs the simulator until SIGTERM or SIGINT; returns the process exit code (0, or 1 when it
-/// could not start, said on stderr).
-pub fn run(args: SimArgs) -> u8 {
+/// Runs the simulator until SIGTERM or SIGINT; an error says why it could not start.
+pub fn run(args: SimArgs) -> Result<(), String> {
     let sim = match Esp32Sim::start(SimConfig {
         pace: args.pace,
         power_on: match args.boot {
@@ -57,19 +56,14 @@ pub fn run(args: SimArgs) -> u8 {
         ..SimConfig::default()
     }) {
         Ok(sim) => sim,
-        Err(e) => {
-            eprintln!("esp-sim: cannot start the virtual ESP32: {e}");
-            return 1;
-        }
+        Err(e) => return Err(format!("cannot start the virtual ESP32: {e}")),
     };
     // The path on stdout, alone, so scripts can read it.
     println!("{}", sim.device_path().display());
     eprintln!("virtual ESP32 running; Ctrl-C or SIGTERM stops it");
-    if let Err(e) = wait_for_stop() {
-        eprintln!("esp-sim: cannot wait for signals ({e}); stopping");
-    }
+    let waited = wait_for_stop().map_err(|e| format!("cannot wait for signals: {e}"));
     drop(sim);
-    0
+    waited
 }
 
 fn wait_for_stop() -> std::io::Result<()> {

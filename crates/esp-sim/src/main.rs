@@ -19,5 +19,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    std::process::ExitCode::from(esp_sim::run_cli(Cli::parse().args))
+    match esp_sim::run_cli(Cli::parse().args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("esp-sim: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
