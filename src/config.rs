@@ -100,7 +100,7 @@ pub enum SecondClient {
 pub struct ControlConfig {
     pub backend: ControlBackend,
     pub mode: ControlMode,
-    pub after_disconnect: crate::reset::AfterDisconnect,
+    pub after_disconnect: crate::control::AfterDisconnect,
     pub gpio: GpioConfig,
 }
 
@@ -109,7 +109,7 @@ impl Default for ControlConfig {
         ControlConfig {
             backend: ControlBackend::None,
             mode: ControlMode::Esp,
-            after_disconnect: crate::reset::AfterDisconnect::Run,
+            after_disconnect: crate::control::AfterDisconnect::Run,
             gpio: GpioConfig::default(),
         }
     }

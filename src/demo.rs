@@ -9,9 +9,8 @@
 //! the production code.
 
 use crate::config::{Config, ControlBackend, ControlMode, Overrides};
-use crate::control::{LineDriver, Straps};
+use crate::control::{LineDriver, ModemLines, ModemPort, Straps};
 use crate::error::{Error, Result};
-use crate::modem::{ModemLines, ModemPort};
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -165,7 +164,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
         DemoMode::Direct => ControlMode::Direct,
     };
     let served = crate::service::runtime()?.block_on(async {
-        let control = crate::service::control_over(driver, &config.control);
+        let control = crate::control::policy_over(driver, &config.control);
         crate::service::serve_with(config, Arc::new(Mutex::new(control)), None).await
     });
     drop(sim);

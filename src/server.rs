@@ -6,8 +6,8 @@
 //! handed to the UART, its client told why), and the control lines are released last.
 
 use crate::config::{Config, SecondClient};
-use crate::serial::{LineSettings, SerialDevice, describe_open_error};
 use crate::session::{Framing, Report, Session, SessionInfo, SharedControl, StopRequest};
+use crate::uart::{LineSettings, SerialDevice, describe_open_error};
 use socket2::{SockRef, TcpKeepalive};
 use std::future::Future;
 use std::net::SocketAddr;

@@ -4,12 +4,8 @@
 //! `cli` only parses the command line and calls [`run`]; the demo calls [`serve_with`] with a
 //! virtual chip's lines in place of the configured ones.
 
-use crate::config::{Config, ControlBackend, ControlConfig, ControlMode};
-use crate::control::{Control, DirectControl, LineDriver, NoControl};
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::gpio::GpioLines;
-use crate::modem::{ModemLines, ModemPassthrough, TtyModem};
-use crate::reset::EspControl;
 use crate::server::{PortKind, Reload};
 use crate::session::SharedControl;
 use std::sync::{Arc, Mutex};
@@ -26,7 +22,8 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Serves clients with `config` until SIGTERM/SIGINT; `reload` re-reads it on SIGHUP.
 pub fn run(config: Config, reload: Reload) -> Result {
     runtime()?.block_on(async {
-        let control = build_control(&config).map_err(Error::config)?;
+        let control = crate::control::from_config(&config.control, &config.serial.device)
+            .map_err(Error::config)?;
         serve_with(config, Arc::new(Mutex::new(control)), Some(reload)).await
     })
 }
@@ -76,38 +73,13 @@ async fn listeners(config: &Config) -> Result<Vec<(tokio::net::TcpListener, Port
     Ok(out)
 }
 
-/// Builds the control-line policy the configuration asks for. Must run inside the runtime
-/// (the reset engine is a task).
-fn build_control(config: &Config) -> std::result::Result<Box<dyn Control>, String> {
-    let driver: Box<dyn LineDriver> = match config.control.backend {
-        ControlBackend::None => return Ok(Box::new(NoControl)),
-        ControlBackend::Gpio => Box::new(GpioLines::open(&config.control.gpio)?),
-        ControlBackend::Modem => {
-            let port = TtyModem::open(&config.serial.device)?;
-            if config.control.mode == ControlMode::Direct {
-                return Ok(Box::new(ModemPassthrough::new(port)));
-            }
-            Box::new(ModemLines::new(port))
-        }
-    };
-    Ok(control_over(driver, &config.control))
-}
-
-/// The policy of `[control] mode` over a line driver.
-pub fn control_over(driver: Box<dyn LineDriver>, c: &ControlConfig) -> Box<dyn Control> {
-    match c.mode {
-        ControlMode::Esp => Box::new(EspControl::start(driver, c.after_disconnect)),
-        ControlMode::Direct => Box::new(DirectControl::new(driver)),
-    }
-}
-
 /// Takes the sockets systemd passed in, or binds the configured addresses, and serves until
 /// SIGTERM/SIGINT.
 pub async fn serve_with(config: Config, control: SharedControl, reload: Option<Reload>) -> Result {
     let listeners = listeners(&config).await?;
     tracing::info!("serial device {}", config.serial.device.display());
     if let Ok(target) = std::fs::canonicalize(&config.serial.device)
-        && let Some(hint) = crate::serial::debug_uart_hint(&config.serial.device, &target)
+        && let Some(hint) = crate::uart::debug_uart_hint(&config.serial.device, &target)
     {
         tracing::warn!("{hint}");
     }

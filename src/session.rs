@@ -17,7 +17,7 @@ use crate::control::{Control, ModemOutputs};
 use crate::protocol::esp_raw::EspRaw;
 use crate::protocol::rfc2217::{self, control as ctl, purge};
 use crate::protocol::{Engine, Event, PortCommand};
-use crate::serial::{Drain, LineSettings, Uart};
+use crate::uart::{Drain, LineSettings, Uart};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;

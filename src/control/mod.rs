@@ -1,14 +1,31 @@
 //! Control lines: how the client's DTR/RTS become the board's EN (reset) and IO0 (boot) pins.
 //!
 //! Two small traits keep the policy apart from the hardware:
-//! - [`LineDriver`] drives the two strapping pins, both in one call (a GPIO line request, the
-//!   UART's modem lines, a simulated chip): it knows nothing of DTR or RTS.
+//! - [`LineDriver`] drives the two strapping pins, both in one call: it knows nothing of DTR or
+//!   RTS. The drivers: two GPIO lines ([`gpio`]), the UART's own DTR/RTS through a dev board's
+//!   auto-program circuit ([`modem`]), and the demo's virtual chip.
 //! - [`Control`] receives the client's DTR/RTS changes in stream order and decides what the
-//!   pins do. [`DirectControl`] maps them literally (the seed's wiring); the ESP-aware reset
-//!   engine is another implementation of the same trait.
+//!   pins do: the ESP-aware reset engine ([`esp`], its timing in [`planner`]), the literal
+//!   mapping ([`direct`]), or nothing ([`NoControl`]).
+//!
+//! [`from_config`] builds what `[control]` asks for.
 
+mod direct;
+mod esp;
+mod gpio;
+mod modem;
+mod planner;
+
+pub use direct::{DirectControl, DirectModem};
+pub use esp::EspControl;
+pub use gpio::GpioLines;
+pub use modem::{ModemLines, ModemPort, TtyModem};
+pub use planner::AfterDisconnect;
+
+use crate::config::{ControlBackend, ControlConfig, ControlMode};
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 
 /// The two ESP strapping inputs as the bridge wants them driven. `true` = asserted: the pin
@@ -91,100 +108,27 @@ impl Control for NoControl {
     }
 }
 
-/// The literal mapping of the seed wiring: RTS asserted holds EN low, DTR asserted holds IO0
-/// low. It reproduces what a local USB-serial cable without the auto-program transistors
-/// does, including holding the chip in reset while a terminal has both lines asserted.
-pub struct DirectControl<D: LineDriver> {
-    driver: D,
-    current: Option<Straps>,
+/// The control lines `[control]` asks for, on `device` for the modem backend. Must run inside
+/// the runtime (the reset engine is a task).
+pub fn from_config(c: &ControlConfig, device: &Path) -> Result<Box<dyn Control>, String> {
+    let driver: Box<dyn LineDriver> = match c.backend {
+        ControlBackend::None => return Ok(Box::new(NoControl)),
+        ControlBackend::Gpio => Box::new(GpioLines::open(&c.gpio)?),
+        ControlBackend::Modem => {
+            let port = TtyModem::open(device)?;
+            if c.mode == ControlMode::Direct {
+                return Ok(Box::new(DirectModem::new(port)));
+            }
+            Box::new(ModemLines::new(port))
+        }
+    };
+    Ok(policy_over(driver, c))
 }
 
-impl<D: LineDriver> DirectControl<D> {
-    pub fn new(driver: D) -> Self {
-        DirectControl {
-            driver,
-            current: None,
-        }
-    }
-
-    fn set(&mut self, straps: Straps) -> io::Result<()> {
-        if self.current != Some(straps) {
-            self.driver.drive(straps)?;
-            self.current = Some(straps);
-        }
-        Ok(())
-    }
-}
-
-impl<D: LineDriver> Control for DirectControl<D> {
-    fn client_outputs(&mut self, o: ModemOutputs) -> io::Result<()> {
-        self.set(Straps {
-            reset: o.rts,
-            boot: o.dtr,
-        })
-    }
-    fn release(&mut self) -> io::Result<()> {
-        self.set(Straps::RELEASED)
-    }
-    fn describe(&self) -> String {
-        format!(
-            "direct (RTS -> EN, DTR -> IO0) on {}",
-            self.driver.describe()
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<Straps>>>);
-
-    impl LineDriver for Recorder {
-        fn drive(&mut self, s: Straps) -> io::Result<()> {
-            self.0.lock().unwrap().push(s);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "recorder".into()
-        }
-    }
-
-    #[test]
-    fn direct_maps_rts_to_reset_and_dtr_to_boot_and_skips_repeats() {
-        let rec = Recorder::default();
-        let mut c = DirectControl::new(rec.clone());
-        c.client_outputs(ModemOutputs {
-            dtr: false,
-            rts: true,
-        })
-        .unwrap();
-        c.client_outputs(ModemOutputs {
-            dtr: false,
-            rts: true,
-        })
-        .unwrap();
-        c.client_outputs(ModemOutputs {
-            dtr: true,
-            rts: false,
-        })
-        .unwrap();
-        c.release().unwrap();
-        assert_eq!(
-            *rec.0.lock().unwrap(),
-            vec![
-                Straps {
-                    reset: true,
-                    boot: false
-                },
-                Straps {
-                    reset: false,
-                    boot: true
-                },
-                Straps::RELEASED
-            ]
-        );
+/// The policy of `[control] mode` over a line driver.
+pub fn policy_over(driver: Box<dyn LineDriver>, c: &ControlConfig) -> Box<dyn Control> {
+    match c.mode {
+        ControlMode::Esp => Box::new(EspControl::start(driver, c.after_disconnect)),
+        ControlMode::Direct => Box::new(DirectControl::new(driver)),
     }
 }

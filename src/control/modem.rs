@@ -7,7 +7,7 @@
 //! expect. The lines live on their own file descriptor, opened once, so they keep their state
 //! while client sessions open and close the port.
 
-use crate::control::{Control, LineDriver, ModemOutputs, Straps};
+use super::{LineDriver, Straps};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -47,35 +47,6 @@ impl<P: ModemPort> LineDriver for ModemLines<P> {
     }
     fn describe(&self) -> String {
         format!("DTR/RTS of {} (auto-program circuit)", self.port.describe())
-    }
-}
-
-/// `[control] mode = "direct"` on the modem backend: the client's DTR/RTS go to the port's
-/// DTR/RTS unchanged, like any serial server.
-pub struct ModemPassthrough<P: ModemPort> {
-    port: P,
-    last: Option<ModemOutputs>,
-}
-
-impl<P: ModemPort> ModemPassthrough<P> {
-    pub fn new(port: P) -> Self {
-        ModemPassthrough { port, last: None }
-    }
-}
-
-impl<P: ModemPort> Control for ModemPassthrough<P> {
-    fn client_outputs(&mut self, o: ModemOutputs) -> io::Result<()> {
-        if self.last != Some(o) {
-            self.port.set_dtr_rts(o.dtr, o.rts)?;
-            self.last = Some(o);
-        }
-        Ok(())
-    }
-    fn release(&mut self) -> io::Result<()> {
-        self.client_outputs(ModemOutputs::default())
-    }
-    fn describe(&self) -> String {
-        format!("direct DTR/RTS on {}", self.port.describe())
     }
 }
 

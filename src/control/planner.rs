@@ -1,4 +1,4 @@
-//! The ESP-aware reset engine: reads the client's DTR/RTS stream as the intent of a local dev
+//! The ESP-aware reset engine's timing planner: reads the client's DTR/RTS stream as the intent of a local dev
 //! board and carries out the timing-critical sequences on the Pi, with local timing.
 //!
 //! Clients (esptool, idf.py monitor, miniterm) drive DTR/RTS as if a USB dev board with the
@@ -15,16 +15,12 @@
 //! - never resets on "both asserted" from a running chip, which is what every terminal sends
 //!   on open: a monitor never resets the chip by accident.
 //!
-//! [`Planner`] is the pure core (time is an input); [`EspControl`] runs it on a tokio task
-//! in front of a [`LineDriver`].
+//! [`Planner`] is this pure core (time is an input); [`super::EspControl`] runs it on a tokio
+//! task in front of a [`super::LineDriver`].
 
-use crate::control::{Control, LineDriver, ModemOutputs, Straps};
+use super::{ModemOutputs, Straps};
 use std::collections::VecDeque;
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// Shortest EN-low pulse: esptool's own sequences hold 100 ms; 10 ms more so that timer and
@@ -127,10 +123,6 @@ impl Planner {
             after_disconnect,
             fired: VecDeque::new(),
         }
-    }
-
-    pub fn current(&self) -> Straps {
-        self.current
     }
 
     /// When the next planned step is due.
@@ -297,119 +289,6 @@ impl Planner {
     /// Whether everything planned has been carried out.
     pub fn idle(&self) -> bool {
         self.plan.is_empty() && self.fired.is_empty()
-    }
-}
-
-enum Input {
-    Client(ModemOutputs),
-    Bootloader,
-    Release,
-}
-
-/// The engine in front of a line driver, running on its own task.
-pub struct EspControl {
-    tx: mpsc::UnboundedSender<Input>,
-    idle: watch::Receiver<bool>,
-    description: String,
-}
-
-impl EspControl {
-    /// Starts the engine task. The driver must already hold the lines at the released
-    /// (safe) levels. Must be called inside a tokio runtime.
-    pub fn start(mut driver: Box<dyn LineDriver>, after: AfterDisconnect) -> Self {
-        let description = format!(
-            "esp (reset and bootloader sequences timed locally) on {}",
-            driver.describe()
-        );
-        let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
-        let (idle_tx, idle) = watch::channel(true);
-        tokio::spawn(async move {
-            let mut planner = Planner::new(Straps::RELEASED, after);
-            loop {
-                let deadline = planner.next_deadline();
-                let input = tokio::select! {
-                    msg = rx.recv() => match msg {
-                        Some(m) => Some(m),
-                        None => break,
-                    },
-                    () = sleep_until_opt(deadline) => None,
-                };
-                let now = Instant::now();
-                match input {
-                    Some(Input::Client(o)) => planner.client(o, now),
-                    Some(Input::Release) => planner.release(now),
-                    Some(Input::Bootloader) => planner.enter_bootloader(now),
-                    None => {}
-                }
-                while let Some((straps, event)) = planner.poll(Instant::now()) {
-                    if let Err(e) = driver.drive(straps) {
-                        tracing::error!("driving EN/IO0 on {} failed: {e}", driver.describe());
-                    }
-                    log_event(event);
-                }
-                let _ = idle_tx.send(planner.idle());
-            }
-        });
-        EspControl {
-            tx,
-            idle,
-            description,
-        }
-    }
-}
-
-fn log_event(event: Option<ResetEvent>) {
-    match event {
-        Some(ResetEvent::EnteredBootloader { reset_for }) => tracing::info!(
-            reset_ms = reset_for.as_millis() as u64,
-            "reset: chip entered the bootloader (EN low {} ms, IO0 held low)",
-            reset_for.as_millis()
-        ),
-        Some(ResetEvent::BootedApp { reset_for }) => tracing::info!(
-            reset_ms = reset_for.as_millis() as u64,
-            "reset: chip runs its application (EN low {} ms)",
-            reset_for.as_millis()
-        ),
-        Some(ResetEvent::ResetHeld) => tracing::debug!("reset: EN held low"),
-        None => {}
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-impl Control for EspControl {
-    fn client_outputs(&mut self, outputs: ModemOutputs) -> io::Result<()> {
-        let _ = self.idle.borrow_and_update();
-        self.tx
-            .send(Input::Client(outputs))
-            .map_err(|_| io::Error::other("the reset engine has stopped"))
-    }
-    fn release(&mut self) -> io::Result<()> {
-        self.tx
-            .send(Input::Release)
-            .map_err(|_| io::Error::other("the reset engine has stopped"))
-    }
-    fn enter_bootloader(&mut self) -> io::Result<()> {
-        self.tx
-            .send(Input::Bootloader)
-            .map_err(|_| io::Error::other("the reset engine has stopped"))
-    }
-    fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let mut idle = self.idle.clone();
-        Box::pin(async move {
-            // The engine reports idle after every input it handled; wait for it to say so
-            // after the last one, or for it to stop.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let _ = idle.wait_for(|i| *i).await;
-        })
-    }
-    fn describe(&self) -> String {
-        self.description.clone()
     }
 }
 

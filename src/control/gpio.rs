@@ -6,8 +6,8 @@
 //! released level, so starting the service never glitches the board; before the request is
 //! dropped they are driven released again, since a dropped request leaves them undefined.
 
+use super::{LineDriver, Straps};
 use crate::config::{Bias, Drive, GpioConfig, LineSpec};
-use crate::control::{LineDriver, Straps};
 use gpiocdev::line::{Offset, Value, Values};
 use gpiocdev::request::Request;
 use std::io;
