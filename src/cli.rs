@@ -5,7 +5,7 @@
 
 use crate::config::{Config, ControlBackend, Overrides};
 use crate::error::{Error, Status};
-use crate::server::Reload;
+use crate::supervisor::Reload;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -136,7 +136,7 @@ fn check_config(config: &Config) {
         s.baud.0,
         s.data_bits.0,
         s.parity,
-        s.stop_bits.0,
+        s.stop_bits.count(),
         s.flow_control
     );
     let listen: Vec<String> = config

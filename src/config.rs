@@ -4,6 +4,8 @@
 //! Validation happens while deserializing (each value type checks itself), so every error
 //! that toml reports carries the file's line and column and the key, and says what is allowed.
 
+use crate::settings::LineSettings;
+pub use crate::settings::{FlowControl, Parity, StopBits};
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -42,8 +44,21 @@ impl Default for SerialConfig {
             baud: BaudRate(115_200),
             data_bits: DataBits(8),
             parity: Parity::None,
-            stop_bits: StopBits(1),
+            stop_bits: StopBits::One,
             flow_control: FlowControl::None,
+        }
+    }
+}
+
+impl SerialConfig {
+    /// The settings every client session starts with.
+    pub fn line_settings(&self) -> LineSettings {
+        LineSettings {
+            baud: self.baud.0,
+            data_bits: self.data_bits.0,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+            flow: self.flow_control,
         }
     }
 }
@@ -94,13 +109,23 @@ pub enum SecondClient {
     Replace,
 }
 
+/// What to do with the chip when its client leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterDisconnect {
+    /// Release both lines; a chip left in download mode is reset into its application.
+    Run,
+    /// Release both lines and leave the chip as it is (e.g. in the flasher stub).
+    Release,
+}
+
 /// `[control]`: how the client's DTR/RTS reach the board's EN and IO0.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub backend: ControlBackend,
     pub mode: ControlMode,
-    pub after_disconnect: crate::control::AfterDisconnect,
+    pub after_disconnect: AfterDisconnect,
     pub gpio: GpioConfig,
 }
 
@@ -109,7 +134,7 @@ impl Default for ControlConfig {
         ControlConfig {
             backend: ControlBackend::None,
             mode: ControlMode::Esp,
-            after_disconnect: crate::control::AfterDisconnect::Run,
+            after_disconnect: AfterDisconnect::Run,
             gpio: GpioConfig::default(),
         }
     }
@@ -282,14 +307,6 @@ checked_value!(DataBits, u8, |v| {
     }
 });
 
-checked_value!(StopBits, u8, |v| {
-    if v == 1 || v == 2 {
-        Ok(v as u8)
-    } else {
-        Err(format!("stop_bits {v} is not allowed: use 1 or 2"))
-    }
-});
-
 checked_value!(KeepaliveSecs, u64, |v| {
     if (1..=3600).contains(&v) {
         Ok(v as u64)
@@ -299,22 +316,6 @@ checked_value!(KeepaliveSecs, u64, |v| {
         ))
     }
 });
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Odd,
-    Even,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlowControl {
-    None,
-    Software,
-    Hardware,
-}
 
 /// A configuration that could not be used, with what to do about it.
 #[derive(Debug)]

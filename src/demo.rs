@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -164,8 +164,9 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
         DemoMode::Direct => ControlMode::Direct,
     };
     let served = crate::service::runtime()?.block_on(async {
+        let signals = crate::service::install_signals()?;
         let control = crate::control::policy_over(driver, &config.control);
-        crate::service::serve_with(config, Arc::new(Mutex::new(control)), None).await
+        crate::service::serve_with(config, control, signals, None).await
     });
     drop(sim);
     served

@@ -1,23 +1,38 @@
 //! esp-bridge: an RFC 2217 serial bridge for ESP8266/ESP32 boards wired to a Raspberry Pi.
 //!
-//! The crate is a stack of layers, each testable on its own:
-//! - [`protocol`]: the telnet / RFC 2217 codec (bytes in, events out; no I/O),
-//! - [`session`]: one client, owning the ordering of data and port commands,
-//! - [`uart`] and [`control`]: the device backends (the UART, the EN/IO0 lines),
-//! - [`server`] and [`shutdown`]: accepting clients, one at a time, and stopping cleanly,
-//! - [`config`] and [`cli`]: the edge where users configure and start it,
-//! - [`demo`]: the bridge in front of the virtual ESP32 of the esp-sim crate.
+//! The crate is a stack of layers, each testable on its own (ARCHITECTURE.md draws them):
+//! - [`protocol`]: the codec: telnet and RFC 2217, and the raw port's ESP loader watcher
+//!   (bytes in, typed events out; no I/O);
+//! - `session`: one client: the pump that keeps data and commands in stream order, and the
+//!   COM port it drives;
+//! - `uart` and `control`: the device backends (the UART; the EN/IO0 lines: the reset engine,
+//!   its planner, the gpio and modem drivers);
+//! - `bridge`: one board: its listeners, its accept policy, its active session, its status;
+//! - `supervisor`: the process: signals, systemd notifications, reload, idle exit, shutdown;
+//! - `service`, [`cli`], [`config`], `systemd`: the edge where it is configured and started;
+//! - `demo`: the bridge in front of the virtual ESP32 of the esp-sim crate; `setup_pi`: the
+//!   Raspberry Pi's UART made free for the board.
+//!
+//! Public: the command line ([`cli::run`]), the codec and the configuration (for the fuzz
+//! targets), and [`serve`] with the control-line traits (for the in-process tests).
 
+mod bridge;
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod demo;
-pub mod error;
+mod control;
+mod demo;
+mod error;
 pub mod protocol;
-pub mod server;
-pub mod service;
-pub mod session;
-pub mod setup_pi;
-pub mod shutdown;
-pub mod systemd;
-pub mod uart;
+mod service;
+mod session;
+mod settings;
+mod setup_pi;
+mod status;
+mod supervisor;
+mod systemd;
+mod timer;
+mod uart;
+
+pub use bridge::{Listener, PortKind};
+pub use control::{Control, ModemOutputs, NoControl};
+pub use service::serve;

@@ -1,13 +1,15 @@
-//! The service assembled from its configuration: the runtime, the listening sockets (passed
-//! in by systemd or bound here), the control lines, and the server that runs until SIGTERM.
+//! The service assembled from its configuration: the runtime, the signal handlers, the
+//! listening sockets (passed in by systemd or bound here), the control lines, and the bridge
+//! under its supervisor, which runs until SIGTERM.
 //!
 //! `cli` only parses the command line and calls [`run`]; the demo calls [`serve_with`] with a
 //! virtual chip's lines in place of the configured ones.
 
+use crate::bridge::{Bridge, Listener, PortKind};
 use crate::config::Config;
+use crate::control::Control;
 use crate::error::{Error, Result};
-use crate::server::{PortKind, Reload};
-use crate::session::SharedControl;
+use crate::supervisor::{Reload, Signals, Supervisor};
 use std::sync::{Arc, Mutex};
 
 /// The async runtime.
@@ -22,13 +24,20 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Serves clients with `config` until SIGTERM/SIGINT; `reload` re-reads it on SIGHUP.
 pub fn run(config: Config, reload: Reload) -> Result {
     runtime()?.block_on(async {
+        let signals = install_signals()?;
         let control = crate::control::from_config(&config.control, &config.serial.device)
             .map_err(Error::config)?;
-        serve_with(config, Arc::new(Mutex::new(control)), Some(reload)).await
+        serve_with(config, control, signals, Some(reload)).await
     })
 }
 
-async fn listeners(config: &Config) -> Result<Vec<(tokio::net::TcpListener, PortKind)>> {
+/// The signal handlers, first of all: a signal that arrives before them would end the process
+/// with its default action.
+pub fn install_signals() -> Result<Signals> {
+    Signals::install().map_err(|e| Error::failure(format!("cannot install signal handlers: {e}")))
+}
+
+async fn listeners(config: &Config) -> Result<Vec<Listener>> {
     let raw_ports: Vec<u16> = config.network.raw_listen.iter().map(|a| a.port()).collect();
     let inherited = crate::systemd::inherited_listeners(&raw_ports).map_err(Error::config)?;
     let mut out = Vec::new();
@@ -75,7 +84,12 @@ async fn listeners(config: &Config) -> Result<Vec<(tokio::net::TcpListener, Port
 
 /// Takes the sockets systemd passed in, or binds the configured addresses, and serves until
 /// SIGTERM/SIGINT.
-pub async fn serve_with(config: Config, control: SharedControl, reload: Option<Reload>) -> Result {
+pub async fn serve_with(
+    config: Config,
+    control: Box<dyn Control>,
+    signals: Signals,
+    reload: Option<Reload>,
+) -> Result {
     let listeners = listeners(&config).await?;
     tracing::info!("serial device {}", config.serial.device.display());
     if let Ok(target) = std::fs::canonicalize(&config.serial.device)
@@ -83,35 +97,45 @@ pub async fn serve_with(config: Config, control: SharedControl, reload: Option<R
     {
         tracing::warn!("{hint}");
     }
-    {
-        let c = control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        tracing::info!("control lines: {}", c.describe());
-    }
-    crate::server::serve(
+    tracing::info!("control lines: {}", control.describe());
+    supervise(
         config,
         listeners,
-        control.clone(),
-        crate::shutdown::requested(),
+        control,
+        signals,
         reload,
+        std::future::pending(),
     )
     .await;
-    // The lines go to their safe state before the process (and its line request) ends.
-    let settled = {
-        let mut c = control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = c.release() {
-            tracing::error!("releasing the control lines failed: {e}");
-        }
-        c.settled()
-    };
-    if tokio::time::timeout(std::time::Duration::from_secs(3), settled)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the control lines did not reach their safe state in time");
-    }
     Ok(())
+}
+
+/// Serves one board from `config` on `listeners`, its DTR/RTS going to `control`, until
+/// `stop` completes: the service without signal handlers, sockets from systemd or a
+/// configuration file. The in-process tests start it on `127.0.0.1:0`.
+pub async fn serve(
+    config: Config,
+    listeners: Vec<Listener>,
+    control: Box<dyn Control>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    supervise(config, listeners, control, Signals::none(), None, stop).await;
+}
+
+async fn supervise(
+    config: Config,
+    listeners: Vec<Listener>,
+    control: Box<dyn Control>,
+    signals: Signals,
+    reload: Option<Reload>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut supervisor = Supervisor::new(config, reload);
+    let bridge = Bridge::new(
+        listeners,
+        Arc::new(Mutex::new(control)),
+        supervisor.status_book(),
+    );
+    supervisor.spawn(bridge);
+    supervisor.run(signals, stop).await;
 }

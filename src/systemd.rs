@@ -21,7 +21,7 @@ const RAW_NAME: &str = "raw";
 pub struct Inherited {
     pub name: String,
     pub listener: TcpListener,
-    pub kind: crate::server::PortKind,
+    pub kind: crate::bridge::PortKind,
 }
 
 /// Takes the listening sockets systemd passed in (LISTEN_FDS / LISTEN_FDNAMES), made
@@ -50,9 +50,9 @@ pub fn inherited_listeners(raw_ports: &[u16]) -> Result<Option<Vec<Inherited>>, 
         };
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let kind = if name == RAW_NAME || raw_ports.contains(&port) {
-            crate::server::PortKind::EspRaw
+            crate::bridge::PortKind::EspRaw
         } else if RFC2217_NAMES.contains(&name.as_str()) {
-            crate::server::PortKind::Rfc2217
+            crate::bridge::PortKind::Rfc2217
         } else {
             return Err(format!(
                 "socket {i} passed by systemd is named \"{name}\", which esp-bridge does not know: use FileDescriptorName=rfc2217 (or none) for RFC 2217 and FileDescriptorName=raw for the raw port in esp-bridge.socket"

@@ -10,40 +10,19 @@
 //! on and reports room again: on a 1-byte round trip that was an extra wake-up in most round
 //! trips (bench/RESULTS.md). Writability is watched only while a write is blocked.
 
-use crate::config::{FlowControl, Parity, SerialConfig};
+pub use crate::settings::LineSettings;
+use crate::settings::{FlowControl, Parity, StopBits};
 use rustix::io::Errno;
 use serialport::SerialPort;
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-
-/// Line settings in force on the UART.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LineSettings {
-    pub baud: u32,
-    pub data_bits: u8,
-    pub parity: Parity,
-    pub stop_bits: u8,
-    pub flow: FlowControl,
-}
-
-impl LineSettings {
-    pub fn from_config(c: &SerialConfig) -> Self {
-        LineSettings {
-            baud: c.baud.0,
-            data_bits: c.data_bits.0,
-            parity: c.parity,
-            stop_bits: c.stop_bits.0,
-            flow: c.flow_control,
-        }
-    }
-}
 
 /// Modem input lines as RFC 2217 reports them (CD, RI, DSR, CTS bits of NOTIFY-MODEMSTATE).
 pub type ModemStatus = u8;
@@ -56,7 +35,7 @@ pub trait Uart: AsyncRead + AsyncWrite + Unpin + Send {
     fn set_baud(&mut self, baud: u32) -> io::Result<()>;
     fn set_data_bits(&mut self, bits: u8) -> io::Result<()>;
     fn set_parity(&mut self, parity: Parity) -> io::Result<()>;
-    fn set_stop_bits(&mut self, bits: u8) -> io::Result<()>;
+    fn set_stop_bits(&mut self, bits: StopBits) -> io::Result<()>;
     fn set_flow(&mut self, flow: FlowControl) -> io::Result<()>;
     fn set_break(&mut self, on: bool) -> io::Result<()>;
     /// Discards received-but-unread (`input`) and written-but-unsent (`output`) bytes.
@@ -79,7 +58,6 @@ pub struct SerialDevice {
     /// It lives as long as the device because closing any duplicate clears TIOCEXCL on the
     /// tty (serialport does that on drop), which would end the exclusive open early.
     drainer: Arc<Mutex<serialport::TTYPort>>,
-    path: PathBuf,
 }
 
 /// Why a device could not be opened, worded for the log, with the fix.
@@ -147,12 +125,7 @@ impl SerialDevice {
             io: watch(io, Interest::READABLE)?,
             write_waiter: None,
             drainer: Arc::new(Mutex::new(drainer)),
-            path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -173,11 +146,10 @@ fn parity(p: Parity) -> serialport::Parity {
     }
 }
 
-fn stop_bits(n: u8) -> serialport::StopBits {
-    if n == 2 {
-        serialport::StopBits::Two
-    } else {
-        serialport::StopBits::One
+fn stop_bits(s: StopBits) -> serialport::StopBits {
+    match s {
+        StopBits::One => serialport::StopBits::One,
+        StopBits::Two => serialport::StopBits::Two,
     }
 }
 
@@ -199,7 +171,7 @@ impl Uart for SerialDevice {
     fn set_parity(&mut self, p: Parity) -> io::Result<()> {
         self.port.set_parity(parity(p)).map_err(to_io)
     }
-    fn set_stop_bits(&mut self, bits: u8) -> io::Result<()> {
+    fn set_stop_bits(&mut self, bits: StopBits) -> io::Result<()> {
         self.port.set_stop_bits(stop_bits(bits)).map_err(to_io)
     }
     fn set_flow(&mut self, f: FlowControl) -> io::Result<()> {

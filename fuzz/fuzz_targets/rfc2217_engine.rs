@@ -72,7 +72,7 @@ fuzz_target!(|input: &[u8]| {
     for e in &events {
         carried += match e {
             Event::Data(d) => d.len(),
-            Event::Port(PortCommand::Signature(s)) => {
+            Event::Port(PortCommand::Signature(Some(s))) => {
                 assert!(
                     s.len() < MAX_SUBNEGOTIATION,
                     "signature of {} bytes kept",

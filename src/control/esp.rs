@@ -2,8 +2,9 @@
 //! [`LineDriver`], so that the timing-critical sequences run on the Pi's clock, not the
 //! network's. The session hands it the client's DTR/RTS changes without waiting.
 
-use super::planner::{AfterDisconnect, Planner, ResetEvent};
+use super::planner::{Planner, ResetEvent};
 use super::{Control, LineDriver, ModemOutputs, Straps};
+use crate::config::AfterDisconnect;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -43,7 +44,7 @@ impl EspControl {
                         Some(m) => Some(m),
                         None => break,
                     },
-                    () = sleep_until_opt(deadline) => None,
+                    () = crate::timer::sleep_until(deadline) => None,
                 };
                 let now = Instant::now();
                 match input {
@@ -83,13 +84,6 @@ fn log_event(event: Option<ResetEvent>) {
         ),
         Some(ResetEvent::ResetHeld) => tracing::debug!("reset: EN held low"),
         None => {}
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

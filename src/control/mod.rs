@@ -20,7 +20,6 @@ pub use direct::{DirectControl, DirectModem};
 pub use esp::EspControl;
 pub use gpio::GpioLines;
 pub use modem::{ModemLines, ModemPort, TtyModem};
-pub use planner::AfterDisconnect;
 
 use crate::config::{ControlBackend, ControlConfig, ControlMode};
 use std::future::Future;

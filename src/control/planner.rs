@@ -19,6 +19,7 @@
 //! task in front of a [`super::LineDriver`].
 
 use super::{ModemOutputs, Straps};
+pub use crate::config::AfterDisconnect;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -52,16 +53,6 @@ const BOOTING: Straps = Straps {
     reset: false,
     boot: true,
 };
-
-/// What to do with the chip when its client leaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AfterDisconnect {
-    /// Release both lines; a chip left in download mode is reset into its application.
-    Run,
-    /// Release both lines and leave the chip as it is (e.g. in the flasher stub).
-    Release,
-}
 
 /// The client's intent under the auto-program model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ pub mod esp_raw;
 pub mod rfc2217;
 pub mod telnet;
 
-pub use rfc2217::PortCommand;
+pub use rfc2217::{ControlRequest, PortCommand, Purge, Reply, Request};
 
 use telnet::{Options, TelnetEvent, TelnetParser};
 
@@ -126,9 +126,9 @@ impl Engine {
         telnet::escape_into(data, to_client);
     }
 
-    /// Appends the server's answer to command `code` (the client's code; 100 is added).
-    pub fn reply(code: u8, value: &[u8], to_client: &mut Vec<u8>) {
-        rfc2217::encode_server(code, value, to_client);
+    /// Appends the server's answer (or notification) for the client.
+    pub fn reply(reply: &Reply, to_client: &mut Vec<u8>) {
+        reply.encode(to_client);
     }
 
     /// Whether a subnegotiation is open (a client stuck in one is logged on disconnect).
@@ -193,7 +193,7 @@ mod tests {
             vec![
                 Event::Data(b"abc".to_vec()),
                 Event::ComPortEnabled,
-                Event::Port(PortCommand::SetBaudRate(921_600)),
+                Event::Port(PortCommand::BaudRate(Request::Set(921_600))),
                 Event::Data(b"def".to_vec()),
             ]
         );
@@ -214,7 +214,7 @@ mod tests {
             ev,
             vec![
                 Event::ComPortEnabled,
-                Event::Port(PortCommand::SetBaudRate(9600))
+                Event::Port(PortCommand::BaudRate(Request::Set(9600)))
             ]
         );
         assert!(e.com_port_active());

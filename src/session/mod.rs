@@ -12,12 +12,14 @@
 //! the UART (the kernel buffers a little more, then the device's own flow control or overrun
 //! takes over); a client that reads loses nothing.
 
-use crate::config::{FlowControl, Parity};
-use crate::control::{Control, ModemOutputs};
+mod port;
+
+pub use port::ComPort;
+
+use crate::control::Control;
 use crate::protocol::esp_raw::EspRaw;
-use crate::protocol::rfc2217::{self, control as ctl, purge};
 use crate::protocol::{Engine, Event, PortCommand};
-use crate::uart::{Drain, LineSettings, Uart};
+use crate::uart::{Drain, Uart};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
@@ -38,8 +40,6 @@ const MODEM_POLL: Duration = Duration::from_millis(200);
 /// How long a closing session may take to hand its last bytes over (to the UART, then to
 /// the client) before it gives up on them.
 const LINGER: Duration = Duration::from_secs(2);
-/// Baud rate changes per session logged at info level; the rest go to debug.
-const BAUD_CHANGES_LOGGED: u64 = 10;
 
 /// Why a session was asked to stop from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,19 +113,14 @@ impl Framing {
 pub struct SessionInfo {
     pub id: u64,
     pub peer: SocketAddr,
-    pub signature: String,
     pub device: String,
 }
 
 pub struct Session<U: Uart> {
     info: SessionInfo,
     tcp: TcpStream,
-    uart: U,
-    control: SharedControl,
+    port: ComPort<U>,
     framing: Framing,
-    settings: LineSettings,
-    outputs: ModemOutputs,
-    break_on: bool,
     /// Parsed client input not yet applied; the front item is in progress.
     inbound: VecDeque<Event>,
     /// How much of the front data item was already written to the UART.
@@ -140,42 +135,25 @@ pub struct Session<U: Uart> {
     /// Data was written to the UART since the last drain.
     tx_dirty: bool,
     drain: Option<Drain>,
-    modem_supported: Option<bool>,
-    modem_last: u8,
-    modem_mask: u8,
     modem_timer: tokio::time::Interval,
     client_eof: bool,
-    device_error: Option<io::Error>,
     to_device: u64,
     to_client: u64,
     ignored: u64,
-    /// Baud rate changes applied in this session (only the first few are logged at info).
-    baud_changes: u64,
     events: Vec<Event>,
     net_buf: Vec<u8>,
     dev_buf: Vec<u8>,
 }
 
 impl<U: Uart> Session<U> {
-    pub fn new(
-        info: SessionInfo,
-        tcp: TcpStream,
-        uart: U,
-        control: SharedControl,
-        settings: LineSettings,
-        framing: Framing,
-    ) -> Self {
+    pub fn new(info: SessionInfo, tcp: TcpStream, port: ComPort<U>, framing: Framing) -> Self {
         let mut modem_timer = tokio::time::interval(MODEM_POLL);
         modem_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Session {
             info,
             tcp,
-            uart,
-            control,
+            port,
             framing,
-            settings,
-            outputs: ModemOutputs::default(),
-            break_on: false,
             inbound: VecDeque::new(),
             inbound_offset: 0,
             out: Vec::new(),
@@ -184,16 +162,11 @@ impl<U: Uart> Session<U> {
             suspended: false,
             tx_dirty: false,
             drain: None,
-            modem_supported: None,
-            modem_last: 0,
-            modem_mask: 0xff,
             modem_timer,
             client_eof: false,
-            device_error: None,
             to_device: 0,
             to_client: 0,
             ignored: 0,
-            baud_changes: 0,
             events: Vec::new(),
             net_buf: vec![0; READ_CHUNK],
             dev_buf: vec![0; READ_CHUNK],
@@ -226,13 +199,13 @@ impl<U: Uart> Session<U> {
             to_device: self.to_device,
             to_client: self.to_client,
             duration: started.elapsed(),
-            final_baud: self.settings.baud,
+            final_baud: self.port.baud(),
             ignored_input: self.ignored,
         }
     }
 
-    /// Hands over what can still be handed over, tells the client why it ends, and releases
-    /// the control lines.
+    /// Hands over what can still be handed over and tells the client why it ends. (The bridge
+    /// releases the control lines once the session is over.)
     async fn finish(&mut self, reason: &EndReason) {
         // A client that sent IAC SB and never IAC SE is broken or hostile (a slowloris);
         // the operator looking at a stuck port wants to know which it was.
@@ -271,16 +244,6 @@ impl<U: Uart> Session<U> {
         }
         if !matches!(reason, EndReason::ClientClosed | EndReason::ClientError(_)) {
             let _ = tokio::time::timeout(LINGER, poll_fn(|cx| self.poll_flush_client(cx))).await;
-        }
-        let mut control = self
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = control.release() {
-            tracing::error!(
-                session = self.info.id,
-                "could not release the control lines: {e}"
-            );
         }
     }
 
@@ -397,7 +360,7 @@ impl<U: Uart> Session<U> {
             return Ok(false);
         }
         let mut buf = ReadBuf::new(&mut self.dev_buf);
-        match Pin::new(&mut self.uart).poll_read(cx, &mut buf) {
+        match Pin::new(self.port.uart()).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len();
                 if n == 0 {
@@ -429,7 +392,7 @@ impl<U: Uart> Session<U> {
 
     /// Applies queued client input in order. Returns whether anything was done.
     fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Result<bool, EndReason> {
-        if let Some(e) = self.device_error.take() {
+        if let Some(e) = self.port.take_failure() {
             return Err(EndReason::DeviceGone(e));
         }
         let mut progress = false;
@@ -437,7 +400,7 @@ impl<U: Uart> Session<U> {
             match front {
                 Event::Data(data) => {
                     let rest = &data[self.inbound_offset..];
-                    match Pin::new(&mut self.uart).poll_write(cx, rest) {
+                    match Pin::new(self.port.uart()).poll_write(cx, rest) {
                         Poll::Ready(Ok(n)) => {
                             self.to_device += n as u64;
                             self.tx_dirty = true;
@@ -455,8 +418,14 @@ impl<U: Uart> Session<U> {
                     }
                 }
                 Event::Port(_) | Event::SwitchBaud(_) => {
-                    if self.tx_dirty && self.changes_line_settings(front) {
-                        let drain = self.drain.get_or_insert_with(|| self.uart.drain());
+                    let needs_drain = match front {
+                        Event::Port(cmd) => self.port.needs_drain(cmd),
+                        Event::SwitchBaud(baud) => self.port.switch_needs_drain(*baud),
+                        _ => false,
+                    };
+                    if self.tx_dirty && needs_drain {
+                        let port = &mut self.port;
+                        let drain = self.drain.get_or_insert_with(|| port.uart().drain());
                         match drain.as_mut().poll(cx) {
                             Poll::Ready(result) => {
                                 self.drain = None;
@@ -473,30 +442,20 @@ impl<U: Uart> Session<U> {
                     }
                     match self.inbound.pop_front() {
                         Some(Event::Port(cmd)) => self.apply(cmd),
-                        Some(Event::SwitchBaud(baud)) => self.switch_baud(baud),
+                        Some(Event::SwitchBaud(baud)) => self.port.switch_baud(baud),
                         _ => {}
                     }
                     progress = true;
                 }
                 Event::EnterBootloader => {
                     self.inbound.pop_front();
-                    let result = self
-                        .control
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .enter_bootloader();
-                    match result {
-                        Ok(()) => tracing::info!(
-                            session = self.info.id,
-                            "raw port: esptool is syncing; putting the chip into its bootloader"
-                        ),
-                        Err(e) => tracing::warn!(session = self.info.id, "raw port: {e}"),
-                    }
+                    self.port.enter_bootloader();
                     progress = true;
                 }
                 Event::ComPortEnabled => {
                     self.inbound.pop_front();
-                    self.notify_modem_state(true);
+                    let reply = self.port.modem_state(true);
+                    self.reply(reply);
                     progress = true;
                 }
                 Event::Ignored(_) => {
@@ -518,302 +477,39 @@ impl<U: Uart> Session<U> {
         Ok(progress)
     }
 
-    /// Whether applying `cmd` changes how bytes are framed on the wire, so that bytes
-    /// written before it must leave the UART first.
-    fn changes_line_settings(&self, event: &Event) -> bool {
-        let s = &self.settings;
-        let cmd = match event {
-            Event::SwitchBaud(b) => return *b != s.baud,
-            Event::Port(cmd) => cmd,
-            _ => return false,
-        };
-        match *cmd {
-            PortCommand::SetBaudRate(b) => b != 0 && b != s.baud,
-            PortCommand::SetDataSize(d) => (5..=8).contains(&d) && d != s.data_bits,
-            PortCommand::SetParity(p) => parity_from_wire(p).is_some_and(|p| p != s.parity),
-            PortCommand::SetStopSize(v) => matches!(v, 1 | 2) && v != s.stop_bits,
-            PortCommand::SetControl(ctl::BREAK_ON) => !self.break_on,
-            _ => false,
-        }
-    }
-
-    /// The raw port's baud switch: like SET-BAUDRATE, without a reply.
-    fn switch_baud(&mut self, baud: u32) {
-        if baud == self.settings.baud {
-            return;
-        }
-        match self.uart.set_baud(baud) {
-            Ok(()) => {
-                self.log_baud_change(
-                    baud,
-                    format!("raw port: the chip switched to {baud} baud; so does the UART"),
-                );
-                self.settings.baud = baud;
-                crate::systemd::status(&format!("serving {} at {baud} baud", self.info.peer.ip()));
-            }
-            Err(e) => self.device_failed(&format!("the device refused baud rate {baud}"), e),
-        }
-    }
-
-    /// Logs a baud rate change: the first few of a session at info (esptool makes two or
-    /// three), then a notice, then at debug, so that a client alternating SET-BAUDRATE values
-    /// in a loop cannot write a line per command into the journal. The closing line of the
-    /// session still says the last rate.
-    fn log_baud_change(&mut self, baud: u32, what: String) {
-        self.baud_changes += 1;
-        let id = self.info.id;
-        if self.baud_changes <= BAUD_CHANGES_LOGGED {
-            tracing::info!(session = id, baud, "{what}");
-        } else if self.baud_changes == BAUD_CHANGES_LOGGED + 1 {
-            tracing::info!(
-                session = id,
-                baud,
-                "{what}; further baud rate changes of this session are logged at debug level"
-            );
-        } else {
-            tracing::debug!(session = id, baud, "{what}");
-        }
-    }
-
-    fn reply(&mut self, code: u8, value: &[u8]) {
-        Engine::reply(code, value, &mut self.out);
-    }
-
-    fn device_failed(&mut self, what: &str, e: io::Error) {
-        tracing::warn!(session = self.info.id, "{what}: {e}");
-        if is_gone(&e) {
-            self.device_error = Some(e);
-        }
-    }
-
+    /// Applies one port command: the session's own (flow control towards the client, the
+    /// receive buffer it holds) here, the rest on the port.
     fn apply(&mut self, cmd: PortCommand) {
-        let code = cmd.code();
         match cmd {
-            PortCommand::Signature(text) => {
-                if text.is_empty() {
-                    let ours = self.info.signature.clone();
-                    self.reply(code, ours.as_bytes());
-                } else {
-                    tracing::debug!(
-                        session = self.info.id,
-                        "client signature: {}",
-                        String::from_utf8_lossy(&text)
-                    );
-                }
-            }
-            PortCommand::SetBaudRate(baud) => {
-                if baud != 0 && baud != self.settings.baud {
-                    match self.uart.set_baud(baud) {
-                        Ok(()) => {
-                            let what =
-                                format!("baud rate changed from {} to {baud}", self.settings.baud);
-                            self.log_baud_change(baud, what);
-                            self.settings.baud = baud;
-                            crate::systemd::status(&format!(
-                                "serving {} at {baud} baud",
-                                self.info.peer.ip()
-                            ));
-                        }
-                        Err(e) => self.device_failed(
-                            &format!(
-                                "the device refused baud rate {baud}; keeping {}",
-                                self.settings.baud
-                            ),
-                            e,
-                        ),
-                    }
-                }
-                let now = self.settings.baud.to_be_bytes();
-                self.reply(code, &now);
-            }
-            PortCommand::SetDataSize(bits) => {
-                if (5..=8).contains(&bits) && bits != self.settings.data_bits {
-                    match self.uart.set_data_bits(bits) {
-                        Ok(()) => self.settings.data_bits = bits,
-                        Err(e) => self.device_failed("the device refused the data size", e),
-                    }
-                } else if bits != 0 && !(5..=8).contains(&bits) {
-                    tracing::warn!(
-                        session = self.info.id,
-                        "client asked for {bits} data bits; only 5 to 8 exist"
-                    );
-                }
-                let now = self.settings.data_bits;
-                self.reply(code, &[now]);
-            }
-            PortCommand::SetParity(p) => {
-                match parity_from_wire(p) {
-                    Some(parity) if parity != self.settings.parity => {
-                        match self.uart.set_parity(parity) {
-                            Ok(()) => self.settings.parity = parity,
-                            Err(e) => self.device_failed("the device refused the parity", e),
-                        }
-                    }
-                    Some(_) => {}
-                    None if p == 0 => {}
-                    None => tracing::warn!(
-                        session = self.info.id,
-                        "client asked for parity {p} (mark/space or unknown), which Linux UARTs do not offer"
-                    ),
-                }
-                let now = parity_to_wire(self.settings.parity);
-                self.reply(code, &[now]);
-            }
-            PortCommand::SetStopSize(v) => {
-                if matches!(v, 1 | 2) && v != self.settings.stop_bits {
-                    match self.uart.set_stop_bits(v) {
-                        Ok(()) => self.settings.stop_bits = v,
-                        Err(e) => self.device_failed("the device refused the stop bits", e),
-                    }
-                } else if v == 3 {
-                    tracing::warn!(
-                        session = self.info.id,
-                        "client asked for 1.5 stop bits, which Linux UARTs do not offer"
-                    );
-                }
-                let now = self.settings.stop_bits;
-                self.reply(code, &[now]);
-            }
-            PortCommand::SetControl(value) => self.set_control(value),
-            PortCommand::PollLineState => self.reply(code, &[0]),
-            PortCommand::PollModemState => self.notify_modem_state(true),
             PortCommand::FlowControlSuspend => self.suspended = true,
             PortCommand::FlowControlResume => self.suspended = false,
-            PortCommand::SetLineStateMask(m) => self.reply(code, &[m]),
-            PortCommand::SetModemStateMask(m) => {
-                self.modem_mask = m;
-                self.reply(code, &[m]);
-            }
-            PortCommand::PurgeData(which) => {
-                let (input, output) = match which {
-                    purge::RX => (true, false),
-                    purge::TX => (false, true),
-                    purge::BOTH => (true, true),
-                    other => {
-                        tracing::warn!(
-                            session = self.info.id,
-                            "client asked to purge buffer {other}; only 1 (rx), 2 (tx) and 3 (both) exist"
-                        );
-                        return;
-                    }
-                };
-                if let Err(e) = self.uart.purge(input, output) {
-                    self.device_failed("purging the device buffers failed", e);
-                }
-                if input {
+            cmd => {
+                if let PortCommand::Purge(Ok(which)) = &cmd
+                    && which.rx()
+                {
                     self.pending.clear();
                 }
-                self.reply(code, &[which]);
+                let reply = self.port.apply(cmd);
+                self.reply(reply);
             }
         }
     }
 
-    fn set_control(&mut self, value: u8) {
-        let code = rfc2217::SET_CONTROL;
-        let answer = match value {
-            ctl::REQ_FLOW => flow_to_wire(self.settings.flow),
-            ctl::FLOW_NONE | ctl::FLOW_XONXOFF | ctl::FLOW_HARDWARE => {
-                let flow = match value {
-                    ctl::FLOW_XONXOFF => FlowControl::Software,
-                    ctl::FLOW_HARDWARE => FlowControl::Hardware,
-                    _ => FlowControl::None,
-                };
-                if flow != self.settings.flow {
-                    match self.uart.set_flow(flow) {
-                        Ok(()) => self.settings.flow = flow,
-                        Err(e) => self.device_failed("the device refused the flow control", e),
-                    }
-                }
-                flow_to_wire(self.settings.flow)
-            }
-            ctl::REQ_BREAK => break_to_wire(self.break_on),
-            ctl::BREAK_ON | ctl::BREAK_OFF => {
-                let on = value == ctl::BREAK_ON;
-                if on != self.break_on {
-                    match self.uart.set_break(on) {
-                        Ok(()) => self.break_on = on,
-                        Err(e) => self.device_failed("setting BREAK failed", e),
-                    }
-                }
-                break_to_wire(self.break_on)
-            }
-            ctl::REQ_DTR => on_off(self.outputs.dtr, ctl::DTR_ON, ctl::DTR_OFF),
-            ctl::REQ_RTS => on_off(self.outputs.rts, ctl::RTS_ON, ctl::RTS_OFF),
-            ctl::DTR_ON | ctl::DTR_OFF | ctl::RTS_ON | ctl::RTS_OFF => {
-                let mut wanted = self.outputs;
-                match value {
-                    ctl::DTR_ON => wanted.dtr = true,
-                    ctl::DTR_OFF => wanted.dtr = false,
-                    ctl::RTS_ON => wanted.rts = true,
-                    _ => wanted.rts = false,
-                }
-                let result = self
-                    .control
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .client_outputs(wanted);
-                match result {
-                    // The client's view is acknowledged even when nothing physical changed:
-                    // what the pins do is the control policy's business.
-                    Ok(()) => self.outputs = wanted,
-                    Err(e) => tracing::error!(
-                        session = self.info.id,
-                        "driving the control lines failed: {e}"
-                    ),
-                }
-                value
-            }
-            ctl::REQ_FLOW_IN | ctl::FLOW_IN_NONE => ctl::FLOW_IN_NONE,
-            other => {
-                tracing::warn!(
-                    session = self.info.id,
-                    "client asked for SET-CONTROL {other}, which this server does not support; answering with the current flow control"
-                );
-                if (ctl::FLOW_IN_XONXOFF..=ctl::FLOW_IN_HARDWARE).contains(&other) {
-                    ctl::FLOW_IN_NONE
-                } else {
-                    flow_to_wire(self.settings.flow)
-                }
-            }
-        };
-        self.reply(code, &[answer]);
+    fn reply(&mut self, reply: Option<crate::protocol::Reply>) {
+        if let Some(r) = reply {
+            Engine::reply(&r, &mut self.out);
+        }
     }
 
     fn poll_modem(&mut self, cx: &mut Context<'_>) {
         let rfc2217 = matches!(&self.framing, Framing::Rfc2217(e) if e.com_port_active());
-        if self.modem_supported == Some(false) || !rfc2217 {
+        if self.port.modem_lines_known_absent() || !rfc2217 {
             return;
         }
         while self.modem_timer.poll_tick(cx).is_ready() {
-            self.notify_modem_state(false);
+            let reply = self.port.modem_state(false);
+            self.reply(reply);
         }
-    }
-
-    /// Sends NOTIFY-MODEMSTATE when forced (a poll, the start of RFC 2217) or when a masked
-    /// line changed. Devices without modem lines report all lines low, once.
-    fn notify_modem_state(&mut self, force: bool) {
-        let now = if self.modem_supported == Some(false) {
-            0
-        } else {
-            match self.uart.modem_status() {
-                Ok(bits) => {
-                    self.modem_supported = Some(true);
-                    bits
-                }
-                Err(_) => {
-                    self.modem_supported = Some(false);
-                    0
-                }
-            }
-        };
-        let changed = (now ^ self.modem_last) & 0xf0;
-        if !force && changed & self.modem_mask == 0 {
-            return;
-        }
-        // The low nibble reports which lines changed since the last notification.
-        let value = (now | (changed >> 4)) & self.modem_mask;
-        self.modem_last = now;
-        self.reply(rfc2217::NOTIFY_MODEMSTATE, &[value]);
     }
 }
 
@@ -822,45 +518,4 @@ fn client_error(e: io::Error) -> EndReason {
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => EndReason::ClientClosed,
         _ => EndReason::ClientError(e),
     }
-}
-
-/// Errors after which the device will not work again until reopened (unplugged, hung up).
-fn is_gone(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::IO.raw_os_error()
-        || code == rustix::io::Errno::NODEV.raw_os_error()
-        || code == rustix::io::Errno::NXIO.raw_os_error()
-        || code == rustix::io::Errno::BADF.raw_os_error())
-}
-
-fn parity_from_wire(p: u8) -> Option<Parity> {
-    match p {
-        1 => Some(Parity::None),
-        2 => Some(Parity::Odd),
-        3 => Some(Parity::Even),
-        _ => None,
-    }
-}
-
-fn parity_to_wire(p: Parity) -> u8 {
-    match p {
-        Parity::None => 1,
-        Parity::Odd => 2,
-        Parity::Even => 3,
-    }
-}
-
-fn flow_to_wire(f: FlowControl) -> u8 {
-    match f {
-        FlowControl::None => ctl::FLOW_NONE,
-        FlowControl::Software => ctl::FLOW_XONXOFF,
-        FlowControl::Hardware => ctl::FLOW_HARDWARE,
-    }
-}
-
-fn break_to_wire(on: bool) -> u8 {
-    on_off(on, ctl::BREAK_ON, ctl::BREAK_OFF)
-}
-
-fn on_off(on: bool, yes: u8, no: u8) -> u8 {
-    if on { yes } else { no }
 }

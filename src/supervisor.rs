@@ -1,0 +1,189 @@
+//! The process supervisor: everything that concerns the process as a whole, in one place.
+//! It owns the signals (installed before READY=1, so none can arrive unhandled), the systemd
+//! notifications (readiness, the one-line status of every board, the watchdog, stopping),
+//! configuration reloads, the idle exit, and the shutdown: it tells every bridge to stop and
+//! waits for them, bounded, so the process always ends well inside `TimeoutStopSec`.
+
+use crate::bridge::Bridge;
+use crate::config::Config;
+use crate::status::{Activity, StatusBook};
+use crate::timer;
+use std::future::Future;
+use std::time::Duration;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Re-reads the configuration (SIGHUP); `None` when the new one is unusable (already logged).
+pub type Reload = Box<dyn Fn() -> Option<Config> + Send>;
+
+/// How long the bridges may take to stop (their sessions hand over their last bytes, the
+/// control lines settle) before the process exits anyway: well inside the unit's
+/// `TimeoutStopSec=15`.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The signals the service handles, installed once at start-up.
+pub struct Signals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+/// What a signal asks of the process.
+enum Asked {
+    Stop(&'static str),
+    Reload,
+}
+
+impl Signals {
+    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Must run inside the runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: Some(signal(SignalKind::terminate())?),
+            int: Some(signal(SignalKind::interrupt())?),
+            hup: Some(signal(SignalKind::hangup())?),
+        })
+    }
+
+    /// No signals at all (the in-process tests stop the supervisor by other means).
+    pub fn none() -> Signals {
+        Signals {
+            term: None,
+            int: None,
+            hup: None,
+        }
+    }
+
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            () = recv(&mut self.term) => Asked::Stop("SIGTERM"),
+            () = recv(&mut self.int) => Asked::Stop("SIGINT"),
+            () = recv(&mut self.hup) => Asked::Reload,
+        }
+    }
+}
+
+async fn recv(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The bridges of this process and what they share.
+pub struct Supervisor {
+    book: StatusBook,
+    config: watch::Sender<Config>,
+    shutdown: watch::Sender<bool>,
+    bridges: Vec<JoinHandle<()>>,
+    reload: Option<Reload>,
+}
+
+impl Supervisor {
+    pub fn new(config: Config, reload: Option<Reload>) -> Self {
+        Supervisor {
+            book: StatusBook::new(),
+            config: watch::Sender::new(config),
+            shutdown: watch::Sender::new(false),
+            bridges: Vec::new(),
+            reload,
+        }
+    }
+
+    /// Where the bridges record their status.
+    pub fn status_book(&self) -> &StatusBook {
+        &self.book
+    }
+
+    /// Starts a bridge; it serves until the supervisor stops.
+    pub fn spawn(&mut self, bridge: Bridge) {
+        let config = self.config.subscribe();
+        let shutdown = self.shutdown.subscribe();
+        self.bridges
+            .push(tokio::spawn(bridge.run(config, shutdown)));
+    }
+
+    /// Runs until a signal (or `stop`) says to stop, or the idle exit is due; then stops
+    /// every bridge.
+    pub async fn run(self, mut signals: Signals, stop: impl Future<Output = ()>) {
+        let Supervisor {
+            book,
+            config,
+            shutdown,
+            bridges,
+            reload,
+        } = self;
+        tokio::pin!(stop);
+        let mut changes = book.subscribe();
+        crate::systemd::ready(&book.line());
+        // WATCHDOG=1 comes from this loop, so a wedged loop (or a session hogging the runtime's
+        // one thread) stops the pings and systemd restarts the service.
+        let mut watchdog = crate::systemd::watchdog_period().map(tokio::time::interval);
+        let mut idle_since = Some(Instant::now());
+        loop {
+            let idle_secs = config.borrow().network.idle_exit_secs;
+            let idle_deadline = idle_since
+                .filter(|_| idle_secs > 0)
+                .map(|t| t + Duration::from_secs(idle_secs));
+            tokio::select! {
+                () = &mut stop => break,
+                asked = signals.next() => match asked {
+                    Asked::Stop(name) => {
+                        tracing::info!("{name} received: finishing the current session and stopping");
+                        break;
+                    }
+                    Asked::Reload => {
+                        if let Some(new) = reload.as_ref().and_then(|r| r()) {
+                            warn_unreloadable(&config.borrow(), &new);
+                            config.send_replace(new);
+                            tracing::info!("configuration re-read (SIGHUP); it applies from the next client");
+                        }
+                    }
+                },
+                () = timer::tick(&mut watchdog) => crate::systemd::watchdog_ping(),
+                Ok(()) = changes.changed() => {
+                    let boards = changes.borrow_and_update().clone();
+                    // Idle from the last change on which no board is serving a client.
+                    let serving = boards
+                        .iter()
+                        .any(|b| matches!(b.activity, Activity::Serving { .. }));
+                    idle_since = (!serving).then(Instant::now);
+                    crate::systemd::status(&crate::status::summary(&boards));
+                }
+                () = timer::sleep_until(idle_deadline) => {
+                    tracing::info!(
+                        "no client for {idle_secs} s (idle_exit_secs): exiting; the socket unit starts esp-bridge again on the next connection"
+                    );
+                    break;
+                }
+            }
+        }
+        crate::systemd::stopping();
+        let _ = shutdown.send(true);
+        let all = async {
+            for b in bridges {
+                let _ = b.await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
+            tracing::warn!("a bridge did not stop in time; exiting anyway");
+        }
+    }
+}
+
+/// Settings that only a restart can change: said once, so nobody waits for them in vain.
+fn warn_unreloadable(old: &Config, new: &Config) {
+    if old.network.listen != new.network.listen {
+        tracing::warn!(
+            "[network] listen changed: restart esp-bridge (or edit esp-bridge.socket) for it to apply"
+        );
+    }
+    if old.control != new.control {
+        tracing::warn!("[control] changed: restart esp-bridge for the new lines to be requested");
+    }
+}
