@@ -2,19 +2,9 @@
 //! then writes the files and disables the units that would use the UART.
 
 use super::boot_files::{Outcome, apply_cmdline_txt, apply_config_txt, describe};
-use super::state::{BACKUP_DIR, FileState, md5_hex};
-use super::system::{System, hint_for, systemctl};
-use std::fs;
-use std::path::Path;
-
-/// Units that would talk on the UART: the Bluetooth attach service and serial gettys that were
-/// enabled by hand (the ones the console= parameter starts go away with it).
-pub(super) const BLUETOOTH_UNIT: &str = "hciuart.service";
-const GETTY_UNITS: [&str; 3] = [
-    "serial-getty@ttyAMA0.service",
-    "serial-getty@ttyS0.service",
-    "serial-getty@serial0.service",
-];
+use super::state::{BACKUP_DIR, FileState, STATE_FILE, backup_for, md5_hex};
+use super::system::{System, systemctl};
+use super::{BLUETOOTH_UNIT, GETTY_UNITS};
 
 struct FilePlan {
     path: String,
@@ -102,6 +92,17 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
     }
 
     let mut state = sys.load_state()?.unwrap_or_default();
+    // Everything about to be written, checked before the first write: a link at any of them
+    // or on the way to them stops the run with nothing changed.
+    let mut writes: Vec<String> = Vec::new();
+    for plan in &changed {
+        writes.push(plan.path.clone());
+        if !state.files.iter().any(|f| f.path == plan.path) {
+            writes.push(backup_of(&plan.path)?);
+        }
+    }
+    writes.push(STATE_FILE.to_string());
+    sys.check_writes(&writes.iter().map(String::as_str).collect::<Vec<_>>())?;
     for plan in &changed {
         let old_md5 = md5_hex(plan.old.as_bytes());
         let new_md5 = md5_hex(plan.outcome.content.as_bytes());
@@ -113,15 +114,8 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
                 f.edits.extend(plan.outcome.edits.iter().cloned());
             }
             None => {
-                let name = Path::new(&plan.path)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let backup = format!("{BACKUP_DIR}/{name}");
-                let dir = sys.path(BACKUP_DIR);
-                fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create {}: {e}{}", dir.display(), hint_for(&e)))?;
-                sys.write(&backup, plan.old.as_bytes())?;
+                let backup = backup_of(&plan.path)?;
+                sys.write_backup(&backup, plan.old.as_bytes())?;
                 state.files.push(FileState {
                     path: plan.path.clone(),
                     backup,
@@ -168,4 +162,11 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
         sys.reboot_notice();
     }
     Ok(())
+}
+
+/// Where the untouched copy of the boot file `path` goes.
+fn backup_of(path: &str) -> Result<String, String> {
+    backup_for(path).ok_or_else(|| {
+        format!("setup-pi has no backup name for {path}; nothing was changed.\n  hint: this is a bug in setup-pi; please report it")
+    })
 }

@@ -16,16 +16,30 @@
 //! in a state file (`state`), so `--revert` undoes exactly ours: by restoring the backup when a
 //! file is still as we left it, or by undoing our edits one by one when someone edited it since
 //! (their edits stay).
+//!
+//! All file access goes through `tree`, which reaches every path from the root directory
+//! without following symbolic links or `..`, so that a link planted in the tree (under `--root`
+//! it may come from anywhere) cannot lead setup-pi, running as root, to files outside it.
 
 mod apply;
 mod boot_files;
 mod revert;
 mod state;
 mod system;
+mod tree;
 
 use crate::error::Error;
 use std::path::PathBuf;
 use system::System;
+
+/// Units that would talk on the UART: the Bluetooth attach service and serial gettys that were
+/// enabled by hand (the ones the console= parameter starts go away with it).
+const BLUETOOTH_UNIT: &str = "hciuart.service";
+const GETTY_UNITS: [&str; 3] = [
+    "serial-getty@ttyAMA0.service",
+    "serial-getty@ttyS0.service",
+    "serial-getty@serial0.service",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct SetupPiArgs {
@@ -55,7 +69,7 @@ pub fn run(args: SetupPiArgs) -> crate::error::Result {
             root.display()
         )));
     }
-    let sys = System::new(args.root);
+    let sys = System::open(args.root.as_deref()).map_err(Error::failure)?;
     let result = if args.revert {
         revert::revert(&sys, args.dry_run)
     } else {

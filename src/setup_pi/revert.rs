@@ -2,10 +2,9 @@
 //! backup when it is still as setup-pi left it, or undoing only setup-pi's edits otherwise.
 
 use super::boot_files::{Edit, undo};
-use super::state::{BACKUP_DIR, STATE_FILE, md5_hex};
-use super::system::{System, hint_for, systemctl};
-use std::fs;
-use std::io;
+use super::state::{BACKUP_DIR, STATE_DIR, STATE_FILE, md5_hex};
+use super::system::{System, systemctl};
+use super::tree::TreeError;
 
 pub(super) fn revert(sys: &System, dry_run: bool) -> Result<(), String> {
     let Some(state) = sys.load_state()? else {
@@ -20,17 +19,26 @@ pub(super) fn revert(sys: &System, dry_run: bool) -> Result<(), String> {
         sys.show(STATE_FILE)
     );
     let mut changed_any = false;
+    // Every file is read and worked out before the first is written.
+    let mut writes: Vec<(&str, Vec<u8>)> = Vec::new();
     for f in &state.files {
         let shown = sys.show(&f.path);
-        let current = match fs::read(sys.path(&f.path)) {
+        let current = match sys.tree().read(&f.path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e) if e.not_found() => {
                 println!("  {shown}: gone; nothing to undo there");
                 continue;
             }
-            Err(e) => return Err(format!("cannot read {shown}: {e}{}", hint_for(&e))),
+            Err(e) => return Err(e.message_unchanged(&format!("cannot read {shown}"))),
         };
-        let backup = fs::read(sys.path(&f.backup)).ok();
+        let backup = match sys.tree().read(&f.backup) {
+            Ok(b) => Some(b),
+            Err(e @ TreeError::Refused { .. }) => {
+                return Err(e.message_unchanged(&format!("cannot read {}", sys.show(&f.backup))));
+            }
+            // Gone or unreadable: our edits are undone one by one instead.
+            Err(TreeError::Io(_)) => None,
+        };
         let (new, how) = match backup {
             Some(b) if f.clean && md5_hex(&current) == f.md5_after => (
                 b,
@@ -81,8 +89,12 @@ pub(super) fn revert(sys: &System, dry_run: bool) -> Result<(), String> {
         }
         println!("  {shown}: {how}");
         changed_any = true;
-        if !dry_run {
-            sys.write(&f.path, &new)?;
+        writes.push((&f.path, new));
+    }
+    if !dry_run {
+        sys.check_writes(&writes.iter().map(|(path, _)| *path).collect::<Vec<_>>())?;
+        for (path, new) in &writes {
+            sys.write(path, new)?;
         }
     }
     for unit in &state.units {
@@ -109,18 +121,14 @@ pub(super) fn revert(sys: &System, dry_run: bool) -> Result<(), String> {
         return Ok(());
     }
     for f in &state.files {
-        let _ = fs::remove_file(sys.path(&f.backup));
+        let _ = sys.tree().remove_file(&f.backup);
     }
-    fs::remove_file(sys.path(STATE_FILE)).map_err(|e| {
-        format!(
-            "cannot remove {}: {e}{}",
-            sys.show(STATE_FILE),
-            hint_for(&e)
-        )
-    })?;
+    sys.tree()
+        .remove_file(STATE_FILE)
+        .map_err(|e| e.message(&format!("cannot remove {}", sys.show(STATE_FILE))))?;
     // Only if empty: anything else there is not ours to delete.
-    let _ = fs::remove_dir(sys.path(BACKUP_DIR));
-    let _ = fs::remove_dir(sys.path("/var/lib/esp-bridge"));
+    let _ = sys.tree().remove_dir(BACKUP_DIR);
+    let _ = sys.tree().remove_dir(STATE_DIR);
     if changed_any || !state.units.is_empty() {
         sys.reboot_notice();
     }
