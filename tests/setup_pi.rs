@@ -327,3 +327,302 @@ fn broken_systems_are_refused_with_the_file_and_the_fix() {
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
     assert!(text(&o).contains("--root /nonexistent/esp-bridge-root"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Links and crafted records planted in the tree: setup-pi runs as root on trees that dpkg --root
+// and image builds hand it, so nothing in them may lead it to a file outside.
+
+/// An empty directory outside the test's root, for what planted links point to.
+fn outside(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "esp-bridge-setup-pi-{}-outside-{tag}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("outside dir");
+    dir
+}
+
+/// Asserts that setup-pi stopped with exit status 1 and a message naming `path` as a link.
+fn refused_link(o: &Output, path: &Path) -> String {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("{} is a symbolic link", path.display())),
+        "names {}: {t}",
+        path.display()
+    );
+    assert!(t.contains("hint: "), "says what to do: {t}");
+    t
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn symlink(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link).expect("symlink");
+}
+
+#[test]
+fn state_and_backups_are_readable_by_root_only() {
+    for case in ["bookworm", "bullseye"] {
+        let dir = root(case, "modes");
+        if case == "bullseye" {
+            // As the package's prerm leaves it (mkdir -p): made private on the next run.
+            fs::create_dir_all(dir.join("var/lib/esp-bridge")).expect("state dir");
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(
+                dir.join("var/lib/esp-bridge"),
+                fs::Permissions::from_mode(0o755),
+            )
+            .expect("chmod");
+        }
+        ok(&setup_pi(&dir, &[]));
+        assert_eq!(mode(&dir.join(STATE)), 0o600, "{case}: state file");
+        for d in ["var/lib/esp-bridge", "var/lib/esp-bridge/setup-pi"] {
+            assert_eq!(mode(&dir.join(d)), 0o700, "{case}: {d}");
+        }
+        let backups: Vec<_> = fs::read_dir(dir.join("var/lib/esp-bridge/setup-pi"))
+            .expect("backups")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(backups.len(), 2, "{case}: {backups:?}");
+        for b in backups {
+            assert_eq!(mode(&b), 0o600, "{case}: {}", b.display());
+        }
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
+
+#[test]
+fn a_temporary_file_left_by_an_interrupted_run_is_replaced() {
+    let dir = root("bookworm", "stale-tmp");
+    let tmp = dir.join("boot/firmware/.config.txt.esp-bridge-new");
+    fs::write(&tmp, "half of a config.txt").expect("stale tmp");
+    ok(&setup_pi(&dir, &[]));
+    assert!(!tmp.exists(), "renamed into place");
+    assert_eq!(boot_tree(&dir), expected_after_apply("bookworm"));
+    fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn a_link_at_a_temporary_file_name_is_refused() {
+    for tmp in [
+        "boot/firmware/.config.txt.esp-bridge-new",
+        "boot/firmware/.cmdline.txt.esp-bridge-new",
+        "var/lib/esp-bridge/.setup-pi.toml.esp-bridge-new",
+        "var/lib/esp-bridge/setup-pi/.config.txt.esp-bridge-new",
+    ] {
+        let dir = root("bookworm", "tmp-link");
+        let out = outside("tmp-link");
+        fs::write(out.join("victim"), "precious\n").expect("victim");
+        let link = dir.join(tmp);
+        fs::create_dir_all(link.parent().expect("parent")).expect("dir");
+        symlink(&out.join("victim"), &link);
+        let before = boot_tree(&dir);
+
+        let o = setup_pi(&dir, &[]);
+        assert_eq!(
+            fs::read_to_string(out.join("victim")).expect("victim"),
+            "precious\n",
+            "{tmp}: the file outside was overwritten"
+        );
+        assert_eq!(boot_tree(&dir), before, "{tmp}: files changed");
+        assert!(!dir.join(STATE).exists(), "{tmp}: a state was recorded");
+        let t = refused_link(&o, &link);
+        assert!(t.contains("nothing was changed"), "{tmp}: {t}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+        fs::remove_dir_all(&out).expect("cleanup");
+    }
+
+    // And on --revert.
+    let dir = root("bookworm", "tmp-link-revert");
+    let out = outside("tmp-link-revert");
+    ok(&setup_pi(&dir, &[]));
+    fs::write(out.join("victim"), "precious\n").expect("victim");
+    let link = dir.join("boot/firmware/.config.txt.esp-bridge-new");
+    symlink(&out.join("victim"), &link);
+    let before = tree(&dir);
+    let o = setup_pi(&dir, &["--revert"]);
+    assert_eq!(
+        fs::read_to_string(out.join("victim")).expect("victim"),
+        "precious\n",
+        "revert overwrote the file outside"
+    );
+    assert_eq!(tree(&dir), before, "revert changed files");
+    refused_link(&o, &link);
+    fs::remove_dir_all(&dir).expect("cleanup");
+    fs::remove_dir_all(&out).expect("cleanup");
+}
+
+#[test]
+fn boot_files_and_directories_that_are_links_are_refused() {
+    // (case, the path made a link to a copy of it outside)
+    for (case, planted) in [
+        ("bookworm", "boot/firmware/config.txt"),
+        ("bookworm", "boot/firmware/cmdline.txt"),
+        ("bookworm", "boot/firmware"),
+        ("bookworm", "boot"),
+        ("bullseye", "boot/config.txt"),
+        ("bullseye", "boot/cmdline.txt"),
+    ] {
+        for revert in [false, true] {
+            let dir = root(case, "boot-link");
+            let out = outside("boot-link");
+            if revert {
+                ok(&setup_pi(&dir, &[]));
+            }
+            let link = dir.join(planted);
+            let target = out.join("target");
+            fs::rename(&link, &target).expect("move out");
+            symlink(&target, &link);
+            let outside_before = tree(&out);
+            let before = tree(&dir);
+
+            let args: &[&str] = if revert { &["--revert"] } else { &[] };
+            let o = setup_pi(&dir, args);
+            assert_eq!(
+                tree(&out),
+                outside_before,
+                "{case} {planted} (revert: {revert}): the files outside changed"
+            );
+            assert_eq!(
+                tree(&dir),
+                before,
+                "{case} {planted} (revert: {revert}): files changed (a backup copied?)"
+            );
+            let t = refused_link(&o, &link);
+            assert!(t.contains("nothing was changed"), "{case} {planted}: {t}");
+            fs::remove_dir_all(&dir).expect("cleanup");
+            fs::remove_dir_all(&out).expect("cleanup");
+        }
+    }
+}
+
+#[test]
+fn a_state_directory_that_is_a_link_is_refused() {
+    for planted in [
+        "var/lib/esp-bridge",
+        "var/lib/esp-bridge/setup-pi",
+        "var/lib",
+        "var",
+    ] {
+        let dir = root("bookworm", "state-link");
+        let out = outside("state-link");
+        let link = dir.join(planted);
+        fs::create_dir_all(link.parent().expect("parent")).expect("dir");
+        symlink(&out, &link);
+        let before = tree(&dir);
+
+        let o = setup_pi(&dir, &[]);
+        assert_eq!(tree(&out), BTreeMap::new(), "{planted}: written outside");
+        assert_eq!(tree(&dir), before, "{planted}: files changed");
+        refused_link(&o, &link);
+        fs::remove_dir_all(&dir).expect("cleanup");
+        fs::remove_dir_all(&out).expect("cleanup");
+    }
+
+    // --revert through a state directory moved outside and linked back.
+    let dir = root("bookworm", "state-link-revert");
+    let out = outside("state-link-revert");
+    ok(&setup_pi(&dir, &[]));
+    let link = dir.join("var/lib/esp-bridge");
+    fs::rename(&link, out.join("esp-bridge")).expect("move out");
+    symlink(&out.join("esp-bridge"), &link);
+    let (before, outside_before) = (tree(&dir), tree(&out));
+    let o = setup_pi(&dir, &["--revert"]);
+    assert_eq!(tree(&out), outside_before, "the files outside changed");
+    assert_eq!(tree(&dir), before, "files changed");
+    refused_link(&o, &link);
+    fs::remove_dir_all(&dir).expect("cleanup");
+    fs::remove_dir_all(&out).expect("cleanup");
+}
+
+#[test]
+fn a_crafted_state_file_reaches_nothing_outside() {
+    let up = "/..".repeat(12);
+    for (what, record) in [
+        (
+            "a boot file path going up",
+            format!(
+                "[[files]]\npath = \"{up}{{out}}/victim\"\nbackup = \"{up}{{out}}/other\"\n\
+                 md5_after = \"0\"\nclean = false\n\
+                 [[files.edits]]\nkind = \"added\"\nline = 0\ntext = \"enable_uart=1\"\n"
+            ),
+        ),
+        (
+            "a backup path going up",
+            format!(
+                "[[files]]\npath = \"/boot/firmware/config.txt\"\nbackup = \"{up}{{out}}/other\"\n\
+                 md5_after = \"0\"\nclean = false\nedits = []\n"
+            ),
+        ),
+        (
+            "a backup path going up from the backup directory",
+            "[[files]]\npath = \"/boot/firmware/cmdline.txt\"\n\
+             backup = \"/var/lib/esp-bridge/setup-pi/../../../../../../../../../../../..{out}/other\"\n\
+             md5_after = \"0\"\nclean = false\nedits = []\n"
+                .to_string(),
+        ),
+        (
+            "an absolute path elsewhere",
+            "[[files]]\npath = \"{out}/victim\"\nbackup = \"/var/lib/esp-bridge/setup-pi/config.txt\"\n\
+             md5_after = \"0\"\nclean = false\nedits = []\n"
+                .to_string(),
+        ),
+        (
+            "a unit that is not setup-pi's",
+            "files = []\nunits = [\"ssh.service\"]\n".to_string(),
+        ),
+    ] {
+        let dir = root("bookworm", "crafted");
+        let out = outside("crafted");
+        ok(&setup_pi(&dir, &[]));
+        fs::write(out.join("victim"), "enable_uart=1\n").expect("victim");
+        fs::write(out.join("other"), "keep me\n").expect("other");
+        let record = record.replace("{out}", &out.display().to_string());
+        fs::write(dir.join(STATE), &record).expect("crafted state");
+        let (before, outside_before) = (tree(&dir), tree(&out));
+
+        for args in [&["--revert"][..], &["--revert", "--dry-run"], &[]] {
+            let o = setup_pi(&dir, args);
+            let t = text(&o);
+            assert_eq!(tree(&out), outside_before, "{what} {args:?}: outside changed");
+            assert_eq!(tree(&dir), before, "{what} {args:?}: files changed");
+            assert_eq!(o.status.code(), Some(1), "{what} {args:?}: {t}");
+            assert!(
+                t.contains(&format!(
+                    "{} is not a record setup-pi wrote",
+                    dir.join(STATE).display()
+                )),
+                "{what} {args:?}: names the state file: {t}"
+            );
+            assert!(t.contains("then delete"), "{what} {args:?}: the fix: {t}");
+        }
+        fs::remove_dir_all(&dir).expect("cleanup");
+        fs::remove_dir_all(&out).expect("cleanup");
+    }
+}
+
+#[test]
+fn a_model_file_that_is_a_link_is_refused_unless_assume_pi() {
+    let dir = root("bookworm", "model-link");
+    let out = outside("model-link");
+    let model = dir.join("proc/device-tree/model");
+    fs::rename(&model, out.join("model")).expect("move out");
+    symlink(&out.join("model"), &model);
+    let before = tree(&dir);
+    let t = refused_link(&setup_pi(&dir, &[]), &model);
+    assert!(t.contains("--assume-pi"), "{t}");
+    assert_eq!(tree(&dir), before);
+    // The board's name is only a check: --assume-pi goes without it.
+    ok(&setup_pi(&dir, &["--assume-pi"]));
+    fs::remove_dir_all(&dir).expect("cleanup");
+    fs::remove_dir_all(&out).expect("cleanup");
+}

@@ -1,0 +1,296 @@
+//! The thin I/O under the editing: the system being set up (`/` or `--root`), its files read
+//! and written through `tree` (never through a link), systemctl, and the hints that go with
+//! I/O errors.
+
+use super::state::{BACKUP_DIR, BOOT_DIRS, STATE_DIR, STATE_FILE, State};
+use super::tree::{Perm, Tree, TreeError};
+use rustix::fs::FileType;
+use std::fs;
+use std::io::{self, Read};
+use std::path::Path;
+use std::process::Command;
+
+/// The device tree's board name: "Raspberry Pi 4 Model B Rev 1.4" and a NUL.
+const MODEL_FILE: &str = "/proc/device-tree/model";
+/// More than any board name.
+const MAX_MODEL: u64 = 4096;
+/// The state directory and the backups in it are root's alone: they copy the boot files.
+const STATE_DIR_MODE: u32 = 0o700;
+
+/// The system being set up: `/`, or the tree under `--root`.
+pub(super) struct System {
+    tree: Tree,
+}
+
+impl System {
+    /// Opens the root directory the system is reached from.
+    pub(super) fn open(root: Option<&Path>) -> Result<Self, String> {
+        let shown = root.unwrap_or(Path::new("/")).display().to_string();
+        let tree = Tree::open(root).map_err(|e| {
+            format!(
+                "cannot open {shown}: {e}; nothing was changed{}",
+                hint_for(&e)
+            )
+        })?;
+        Ok(System { tree })
+    }
+
+    /// Whether this is the tree under `--root` rather than the running system.
+    pub(super) fn under_root(&self) -> bool {
+        self.tree.under_root()
+    }
+
+    /// `path` (absolute, as seen on the Pi) as the user finds it.
+    pub(super) fn show(&self, path: &str) -> String {
+        self.tree.show(path)
+    }
+
+    /// The files, for what the methods here do not word themselves.
+    pub(super) fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// The board's name, or an error when this is no Raspberry Pi.
+    pub(super) fn pi_model(&self) -> Result<String, String> {
+        let file = self.show(MODEL_FILE);
+        let raw = self.read_model().map_err(|e| match e {
+            TreeError::Io(e) => format!(
+                "cannot read {file} ({e}), so this does not look like a Raspberry Pi; nothing was changed.\n  \
+                 hint: on another board, enable its UART by hand; to prepare a Pi's SD card from another machine, \
+                 mount its root file system with the boot partition inside and pass --root, with the board's name in <root>{MODEL_FILE}"
+            ),
+            TreeError::Refused { problem, hint } => format!(
+                "{problem}; so whether this is a Raspberry Pi is not known, and nothing was changed.\n  \
+                 hint: {hint}; or, if it is a Raspberry Pi's, pass --assume-pi"
+            ),
+        })?;
+        let model = String::from_utf8_lossy(&raw)
+            .trim_end_matches('\0')
+            .trim()
+            .to_string();
+        if model.contains("Raspberry Pi") {
+            Ok(model)
+        } else {
+            Err(format!(
+                "{file} says \"{model}\", not a Raspberry Pi; nothing was changed.\n  \
+                 hint: setup-pi edits Raspberry Pi firmware files only; on this board enable the UART by hand"
+            ))
+        }
+    }
+
+    fn read_model(&self) -> Result<Vec<u8>, TreeError> {
+        if self.under_root() {
+            return self.tree.read(MODEL_FILE);
+        }
+        // The running kernel's own /proc, where /proc/device-tree is its link to
+        // /sys/firmware/devicetree/base: followed, as only the kernel puts anything there.
+        let mut raw = Vec::new();
+        fs::File::open(MODEL_FILE)?
+            .take(MAX_MODEL)
+            .read_to_end(&mut raw)?;
+        Ok(raw)
+    }
+
+    /// Where config.txt and cmdline.txt are: /boot/firmware on Bookworm and later, /boot before.
+    pub(super) fn boot_dir(&self) -> Result<&'static str, String> {
+        let [firmware, boot] = BOOT_DIRS;
+        let kind = |path: &str| {
+            self.tree
+                .kind(path)
+                .map_err(|e| e.message_unchanged(&format!("cannot look at {}", self.show(path))))
+        };
+        let new = format!("{firmware}/config.txt");
+        if kind(&new)? == Some(FileType::RegularFile) {
+            return Ok(firmware);
+        }
+        if kind(firmware)? == Some(FileType::Directory) {
+            return Err(format!(
+                "{} is missing: on Raspberry Pi OS Bookworm and later the boot partition is mounted at {}; nothing was changed.\n  \
+                 hint: check with `findmnt /boot/firmware`, mount it (sudo mount /boot/firmware), then run esp-bridge setup-pi again",
+                self.show(&new),
+                self.show(firmware)
+            ));
+        }
+        let old = format!("{boot}/config.txt");
+        if kind(&old)? == Some(FileType::RegularFile) {
+            let text = self.tree.read(&old).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains("DO NOT EDIT THIS FILE") {
+                return Err(format!(
+                    "{} says the real file has moved to /boot/firmware/config.txt, but {} does not exist; nothing was changed.\n  \
+                     hint: mount the boot partition at /boot/firmware (sudo mount /boot/firmware), then run esp-bridge setup-pi again",
+                    self.show(&old),
+                    self.show(firmware)
+                ));
+            }
+            return Ok(boot);
+        }
+        Err(format!(
+            "no config.txt in {} (Bookworm and later) nor in {} (Bullseye and earlier); nothing was changed.\n  \
+             hint: is the boot partition mounted? `findmnt /boot/firmware /boot` shows it",
+            self.show(firmware),
+            self.show(boot)
+        ))
+    }
+
+    pub(super) fn read_text(&self, path: &str) -> Result<String, String> {
+        let shown = self.show(path);
+        let bytes = self.tree.read(path).map_err(|e| {
+            if e.not_found() {
+                format!(
+                    "{shown} is missing; every Raspberry Pi OS boot partition has one, so nothing was changed.\n  \
+                     hint: check that the boot partition is mounted and complete (restore the file from a fresh Raspberry Pi OS image if it was deleted)"
+                )
+            } else {
+                e.message_unchanged(&format!("cannot read {shown}"))
+            }
+        })?;
+        String::from_utf8(bytes).map_err(|_| {
+            format!(
+                "{shown} is not UTF-8 text; nothing was changed.\n  hint: open it in a text editor and save it as plain text"
+            )
+        })
+    }
+
+    /// Replaces a boot file, keeping its mode.
+    pub(super) fn write(&self, path: &str, bytes: &[u8]) -> Result<(), String> {
+        self.tree
+            .write(path, bytes, Perm::Keep)
+            .map_err(|e| e.message(&format!("cannot write {}", self.show(path))))
+    }
+
+    /// Writes a backup (0600).
+    pub(super) fn write_backup(&self, path: &str, bytes: &[u8]) -> Result<(), String> {
+        self.make_state_dirs()?;
+        self.tree
+            .write(path, bytes, Perm::Private)
+            .map_err(|e| e.message(&format!("cannot write {}", self.show(path))))
+    }
+
+    /// Checks, before the first write, that none of `paths` can be written through a link.
+    pub(super) fn check_writes(&self, paths: &[&str]) -> Result<(), String> {
+        for path in paths {
+            self.tree
+                .check_write(path)
+                .map_err(|e| e.message_unchanged(&format!("cannot write {}", self.show(path))))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the state directory and the backup directory in it, 0700 (also when they were
+    /// there already, made by an earlier version or by the package's scripts).
+    fn make_state_dirs(&self) -> Result<(), String> {
+        for dir in [STATE_DIR, BACKUP_DIR] {
+            self.tree
+                .make_dir(dir, STATE_DIR_MODE)
+                .map_err(|e| e.message(&format!("cannot create {}", self.show(dir))))?;
+        }
+        Ok(())
+    }
+
+    /// The record of an earlier run: None when there is none, an error when it cannot be read
+    /// or names anything setup-pi does not write itself.
+    pub(super) fn load_state(&self) -> Result<Option<State>, String> {
+        let file = self.show(STATE_FILE);
+        let bytes = match self.tree.read(STATE_FILE) {
+            Ok(b) => b,
+            Err(e) if e.not_found() => return Ok(None),
+            Err(e) => return Err(e.message_unchanged(&format!("cannot read {file}"))),
+        };
+        let damaged = |why: String| {
+            format!(
+                "{file} is damaged ({why}).\n  hint: the untouched files are in {}; compare them with yours, then delete {file}",
+                self.show(BACKUP_DIR)
+            )
+        };
+        let text = String::from_utf8(bytes).map_err(|e| damaged(e.to_string()))?;
+        let state: State = toml::from_str(&text).map_err(|e| damaged(e.to_string()))?;
+        state.check().map_err(|problem| {
+            format!(
+                "{file} is not a record setup-pi wrote: {problem}; nothing was changed.\n  \
+                 hint: acting on it could change files anywhere; compare the untouched files in {} with the boot files by hand, then delete {file}",
+                self.show(BACKUP_DIR)
+            )
+        })?;
+        Ok(Some(state))
+    }
+
+    pub(super) fn save_state(&self, state: &State) -> Result<(), String> {
+        let body = toml::to_string(state).map_err(|e| {
+            format!(
+                "cannot record the changes in {}: {e}",
+                self.show(STATE_FILE)
+            )
+        })?;
+        let text = format!(
+            "# Written by esp-bridge setup-pi: what it changed, for `esp-bridge setup-pi --revert`.\n{body}"
+        );
+        self.make_state_dirs()?;
+        self.tree
+            .write(STATE_FILE, text.as_bytes(), Perm::Private)
+            .map_err(|e| e.message(&format!("cannot write {}", self.show(STATE_FILE))))
+    }
+
+    /// Which units are enabled now and should not be. Under --root nothing is asked of systemd:
+    /// the enablement symlinks in the tree are only reported.
+    pub(super) fn enabled_units(&self, candidates: &[&str]) -> Vec<String> {
+        candidates
+            .iter()
+            .filter(|unit| {
+                if self.under_root() {
+                    self.tree.has_wants_link("/etc/systemd/system", unit)
+                } else {
+                    systemctl(&["is-enabled", unit])
+                        .is_some_and(|(ok, out)| ok && out.trim() == "enabled")
+                }
+            })
+            .map(|u| (*u).to_string())
+            .collect()
+    }
+
+    /// Says that the changes need a reboot, and tells the system too (Debian's
+    /// /run/reboot-required, which login banners and unattended-upgrades read).
+    pub(super) fn reboot_notice(&self) {
+        if self.under_root() {
+            println!("The changes take effect when that Pi next boots.");
+            return;
+        }
+        println!("Reboot for the changes to take effect: sudo reboot");
+        let pkgs = "/run/reboot-required.pkgs";
+        let listed = fs::read_to_string(pkgs)
+            .map(|t| t.lines().any(|l| l == "esp-bridge"))
+            .unwrap_or(false);
+        let result = fs::write("/run/reboot-required", "*** System restart required ***\n")
+            .and_then(|()| {
+                if listed {
+                    return Ok(());
+                }
+                use std::io::Write;
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(pkgs)?
+                    .write_all(b"esp-bridge\n")
+            });
+        if let Err(e) = result {
+            println!("  (could not mark /run/reboot-required: {e})");
+        }
+    }
+}
+
+/// Runs systemctl; None when it is not there (a container, a chroot without systemd).
+pub(super) fn systemctl(args: &[&str]) -> Option<(bool, String)> {
+    let out = Command::new("systemctl").args(args).output().ok()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Some((out.status.success(), text))
+}
+
+pub(super) fn hint_for(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => "\n  hint: run it as root: sudo esp-bridge setup-pi",
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "\n  hint: the file system is mounted read-only; remount it read-write (sudo mount -o remount,rw <mount point>)"
+        }
+        _ => "",
+    }
+}
