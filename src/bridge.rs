@@ -8,17 +8,24 @@
 //! client told why), and the lines reach their safe state before [`Bridge::run`] returns.
 
 use crate::config::{Config, SecondClient};
-use crate::session::{ComPort, Framing, Report, Session, SessionInfo, SharedControl, StopRequest};
+use crate::log_limit::limited;
+use crate::session::{
+    ComPort, Framing, Phase, Report, Session, SessionInfo, SharedControl, StopRequest,
+};
 use crate::status::{Activity, BoardStatus, StatusBook, StatusHandle};
+use crate::supervisor::stopping;
+use crate::timer;
 use crate::uart::{SerialDevice, describe_open_error};
 use socket2::{SockRef, TcpKeepalive};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// How long a stopping session may take before the service exits anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,8 +36,14 @@ struct Active {
     id: u64,
     peer: SocketAddr,
     stop: watch::Sender<Option<StopRequest>>,
+    phase: watch::Receiver<Phase>,
     task: JoinHandle<()>,
 }
+
+/// How long a newcomer waits for a served client that may be on its way out (its close is
+/// in flight) before the refuse/replace policy applies: `idf.py flash monitor` and CI scripts
+/// connect again right after esptool closes.
+const NEWCOMER_GRACE: Duration = Duration::from_millis(500);
 
 /// Which protocol a listening port speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,13 +73,22 @@ pub struct Bridge {
     status: StatusHandle,
 }
 
+/// Refusals (a newcomer told the board is busy) under way at once, each bounded in time.
+const MAX_REFUSALS: usize = 8;
+
 /// How long the control lines may take to reach their safe state at shutdown.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Bridge {
     /// Adds the board to `book` (idle, listening on `listeners`).
-    pub fn new(listeners: Vec<Listener>, control: SharedControl, book: &StatusBook) -> Self {
+    pub fn new(
+        name: &str,
+        listeners: Vec<Listener>,
+        control: SharedControl,
+        book: &StatusBook,
+    ) -> Self {
         let status = book.add(BoardStatus {
+            name: name.to_string(),
             listening: listening(&listeners),
             activity: Activity::Idle,
         });
@@ -96,48 +118,74 @@ impl Bridge {
             acceptors.push(tokio::spawn(accept_loop(listener, kind, tx)));
         }
         drop(accepted_tx);
+        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
         let mut active: Option<Active> = None;
+        // A newcomer that arrived while a client was served, waiting a moment to see whether
+        // that client is on its way out (it just closed; it half-closed).
+        let mut waiting: Option<(Accepted, Instant)> = None;
         loop {
+            let leaving = active
+                .as_ref()
+                .is_some_and(|a| *a.phase.borrow() != Phase::Serving);
+            if leaving && let Some((newcomer, _)) = waiting.take() {
+                // The client on its way out yields the board; the newcomer is served as soon
+                // as it is gone (bounded by STOP_TIMEOUT).
+                end_session(&mut active, &control, StopRequest::Yielded).await;
+                let config = config.borrow_and_update().clone();
+                active = Some(start_session(
+                    config,
+                    newcomer,
+                    control.clone(),
+                    status.clone(),
+                ));
+                continue;
+            }
             tokio::select! {
                 () = stopping(&mut shutdown) => break,
                 next = accepted.recv() => {
-                    let Some((stream, peer, kind)) = next else { break };
-                    let config = config.borrow_and_update().clone();
+                    let Some(newcomer) = next else { break };
                     if active.as_ref().is_some_and(|a| a.task.is_finished()) {
                         end_session(&mut active, &control, StopRequest::Shutdown).await;
                     }
-                    if let Some(current) = &active {
-                        match config.network.second_client {
-                            SecondClient::Refuse => {
-                                tokio::spawn(refuse(stream, peer, current.peer));
-                                continue;
-                            }
-                            SecondClient::Replace => {
-                                tracing::info!(
-                                    session = current.id,
-                                    "client {peer} replaces client {}", current.peer
-                                );
-                                end_session(&mut active, &control, StopRequest::Replaced).await;
+                    let config = config.borrow_and_update().clone();
+                    match (&active, &waiting) {
+                        (None, _) => {
+                            active = Some(start_session(config, newcomer, control.clone(), status.clone()));
+                        }
+                        (Some(_), None) => waiting = Some((newcomer, Instant::now() + NEWCOMER_GRACE)),
+                        (Some(_), Some(_)) => {
+                            // One newcomer waits at a time; the next is decided at once.
+                            if let Some(started) = decide(&config, newcomer, &mut active, &control, &refusals).await {
+                                active = Some(start_session(config, started, control.clone(), status.clone()));
                             }
                         }
                     }
-                    active = Some(start_session(
-                        config,
-                        (stream, peer, kind),
-                        control.clone(),
-                        status.clone(),
-                    ));
                 }
-                () = wait_finished(&mut active) => {
-                    // Its task has ended (and must not be awaited again): only the lines.
-                    active = None;
-                    release(&control);
+                () = timer::sleep_until(waiting.as_ref().map(|(_, at)| *at)) => {
+                    if let Some((newcomer, _)) = waiting.take() {
+                        let config = config.borrow_and_update().clone();
+                        if let Some(started) = decide(&config, newcomer, &mut active, &control, &refusals).await {
+                            active = Some(start_session(config, started, control.clone(), status.clone()));
+                        }
+                    }
+                }
+                watched = watch_session(&mut active) => {
+                    if let Watched::Finished = watched {
+                        // Its task has ended (and must not be awaited again): only the lines.
+                        active = None;
+                        release(&control);
+                        if let Some((newcomer, _)) = waiting.take() {
+                            let config = config.borrow_and_update().clone();
+                            active = Some(start_session(config, newcomer, control.clone(), status.clone()));
+                        }
+                    }
                 }
             }
         }
         for a in acceptors {
             a.abort();
         }
+        drop(waiting);
         end_session(&mut active, &control, StopRequest::Shutdown).await;
         // The lines reach their safe state before the process (and its line request) ends.
         let settled = lock(&control).settled();
@@ -147,14 +195,47 @@ impl Bridge {
     }
 }
 
-/// Completes when the supervisor says to stop (or is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
+/// A newcomer while a client is served, after its grace: refused, or (with
+/// `second_client = "replace"`) the current client is stopped and the newcomer returned to
+/// be served.
+async fn decide(
+    config: &Config,
+    newcomer: Accepted,
+    active: &mut Option<Active>,
+    control: &SharedControl,
+    refusals: &Arc<Semaphore>,
+) -> Option<Accepted> {
+    let Some(current) = active.as_ref() else {
+        return Some(newcomer);
+    };
+    match config.network.second_client {
+        SecondClient::Refuse => {
+            let (stream, peer, _) = newcomer;
+            // Bounded: past that many refusals under way, a newcomer is closed without the
+            // explanation (a flood, not a person).
+            let busy = current.peer;
+            match Arc::clone(refusals).try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        refuse(stream, peer, busy).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => refuse_silently(peer, busy),
+            }
+            None
         }
-        if shutdown.changed().await.is_err() {
-            return;
+        SecondClient::Replace => {
+            limited!(
+                info,
+                "takeovers",
+                session = current.id,
+                "client {} replaces client {}",
+                newcomer.1,
+                current.peer
+            );
+            end_session(active, control, StopRequest::Replaced).await;
+            Some(newcomer)
         }
     }
 }
@@ -186,12 +267,23 @@ fn listening(listeners: &[Listener]) -> Vec<String> {
         .collect()
 }
 
-async fn wait_finished(active: &mut Option<Active>) {
-    match active {
-        Some(a) => {
-            let _ = (&mut a.task).await;
-        }
-        None => std::future::pending().await,
+/// What the active session did.
+enum Watched {
+    /// It half-closed or began finishing.
+    PhaseChanged,
+    /// Its task has ended.
+    Finished,
+}
+
+/// Completes when the active session changes phase or ends; never without one.
+async fn watch_session(active: &mut Option<Active>) -> Watched {
+    let Some(a) = active else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        // Once the session is gone its phase cannot change: only its end is left to see.
+        Ok(()) = a.phase.changed() => Watched::PhaseChanged,
+        _ = &mut a.task => Watched::Finished,
     }
 }
 
@@ -219,7 +311,7 @@ async fn accept_loop(listener: TcpListener, kind: PortKind, tx: mpsc::Sender<Acc
             }
             Err(e) => {
                 // Out of file descriptors or a connection reset before accept: transient.
-                tracing::warn!("accepting a connection failed: {e}");
+                limited!(warn, "failed accepts", "accepting a connection failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -245,14 +337,27 @@ fn tune_socket(stream: &TcpStream, keepalive: Duration) -> std::io::Result<()> {
 }
 
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, busy_with: SocketAddr) {
-    tracing::warn!(
+    limited!(
+        warn,
+        "refused connections",
         "refused client {peer}: the port is busy with client {busy_with} (set [network] second_client = \"replace\" to let new clients take over)"
     );
     let text = format!(
         "esp-bridge: this serial port is in use by another client ({busy_with}); try again when it disconnects.\r\n"
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(text.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+fn refuse_silently(peer: SocketAddr, busy_with: SocketAddr) {
+    limited!(
+        warn,
+        "refused connections",
+        "refused client {peer} without a word: the port is busy with client {busy_with} and {MAX_REFUSALS} refusals are under way"
+    );
 }
 
 fn start_session(
@@ -264,14 +369,16 @@ fn start_session(
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let peer = accepted.1;
     let (stop, stop_rx) = watch::channel(None);
+    let (phase_tx, phase) = watch::channel(Phase::Serving);
     let task = tokio::spawn(async move {
-        run_session(id, config, accepted, control, stop_rx, &status).await;
+        run_session(id, config, accepted, control, stop_rx, phase_tx, &status).await;
         status.set(Activity::Idle);
     });
     Active {
         id,
         peer,
         stop,
+        phase,
         task,
     }
 }
@@ -282,10 +389,16 @@ async fn run_session(
     (mut stream, peer, kind): Accepted,
     control: SharedControl,
     stop: watch::Receiver<Option<StopRequest>>,
+    phase: watch::Sender<Phase>,
     status: &StatusHandle,
 ) {
     if let Err(e) = tune_socket(&stream, config.network.keepalive()) {
-        tracing::warn!(session = id, "could not set TCP options for {peer}: {e}");
+        limited!(
+            warn,
+            "failed socket options",
+            session = id,
+            "could not set TCP options for {peer}: {e}"
+        );
     }
     let settings = config.serial.line_settings();
     let device = &config.serial.device;
@@ -293,7 +406,13 @@ async fn run_session(
         Ok(u) => u,
         Err(e) => {
             let why = describe_open_error(device, &e);
-            tracing::error!(session = id, peer = %peer, "client {peer} not served: {why}");
+            limited!(
+                error,
+                "clients not served",
+                session = id,
+                peer = %peer,
+                "client {peer} not served: {why}"
+            );
             status.set(Activity::DeviceUnusable {
                 device: device.display().to_string(),
             });
@@ -303,7 +422,9 @@ async fn run_session(
             return;
         }
     };
-    tracing::info!(
+    limited!(
+        info,
+        "session starts",
         session = id,
         peer = %peer,
         baud = settings.baud,
@@ -330,7 +451,9 @@ async fn run_session(
         PortKind::Rfc2217 => Framing::rfc2217(),
         PortKind::EspRaw => Framing::esp_raw(),
     };
-    let report = Session::new(info, stream, port, framing).run(stop).await;
+    let report = Session::new(info, stream, port, framing, phase)
+        .run(stop)
+        .await;
     log_report(id, peer, &report);
 }
 
@@ -340,17 +463,23 @@ fn log_report(id: u64, peer: SocketAddr, r: &Report) {
         "session with {peer} ended ({}) after {secs:.1} s: {} bytes to the device, {} bytes to the client, last baud {}",
         r.reason, r.to_device, r.to_client, r.final_baud
     );
-    let ignored = if r.ignored_input > 0 {
+    let mut ignored = if r.ignored_input > 0 {
         format!("; {} malformed requests ignored", r.ignored_input)
     } else {
         String::new()
     };
+    if r.discarded > 0 {
+        ignored.push_str(&format!(
+            "; output to the device discarded {} time(s): flow control held it",
+            r.discarded
+        ));
+    }
     match r.reason {
         crate::session::EndReason::DeviceGone(_) | crate::session::EndReason::ClientError(_) => {
-            tracing::warn!(session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
+            limited!(warn, "session ends", session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
         }
         _ => {
-            tracing::info!(session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
+            limited!(info, "session ends", session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
         }
     }
 }

@@ -3,7 +3,7 @@
 //! `main` only calls [`run`] and exits with the code it returns, so every path to an exit
 //! code is here and testable.
 
-use crate::config::{Config, ControlBackend, Overrides};
+use crate::config::{Config, ControlBackend, Overrides, Source};
 use crate::error::{Error, Status};
 use crate::supervisor::Reload;
 use clap::{Parser, Subcommand};
@@ -31,9 +31,14 @@ pub struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct Options {
-    /// Configuration file [default: /etc/esp-bridge.toml if it exists]
+    /// Configuration file [default: /etc/esp-bridge.toml if it exists; ESP_BRIDGE_CONFIG
+    /// names another]
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// The control socket `status` asks [default: /run/esp-bridge/control.sock, which
+    /// esp-bridge.socket makes]; without systemd, the service binds it here when given
+    #[arg(long, global = true, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Serial device, e.g. /dev/serial0 or /dev/ttyUSB0
     #[arg(long, global = true, value_name = "PATH")]
     device: Option<PathBuf>,
@@ -60,6 +65,18 @@ enum Command {
     Serve,
     /// Validate the configuration and print what it means; exits 78 if it is invalid
     CheckConfig,
+    /// Show what each board is doing, asking the running service (on the Pi)
+    Status,
+    /// Put an edited /etc/esp-bridge.toml into effect under systemd: regenerate the boards'
+    /// socket units, restart the sockets and the service (as root)
+    Apply,
+    /// Write the boards' systemd socket units into DIR (the systemd generator runs this)
+    #[command(hide = true)]
+    GenerateUnits {
+        /// The generator's output directories (normal, early, late); only the first is used
+        #[arg(value_name = "DIR", num_args = 1..=3, required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Serve a virtual ESP32 on this machine: no hardware needed
     Demo(crate::demo::DemoArgs),
     /// Run only the virtual ESP32, on a pseudo-terminal or a unix socket (for tests)
@@ -96,21 +113,38 @@ pub fn run() -> u8 {
         _ => "esp-bridge",
     };
     let result = match command {
-        Command::Serve => load(&cli.options, &overrides).and_then(|config| {
-            let path = cli.options.config.clone();
-            let reload: Reload =
-                Box::new(move || match Config::load(path.as_deref(), &overrides) {
-                    Ok((config, _)) => Some(config),
-                    Err(e) => {
-                        tracing::error!("SIGHUP: keeping the running configuration: {e}");
-                        None
-                    }
-                });
-            crate::service::run(config, reload)
+        Command::Serve => load(&cli.options, &overrides).and_then(|(config, source)| {
+            let reload: Reload = std::sync::Arc::new(move || {
+                Config::reload(&source, &overrides)
+                    .inspect_err(|e| {
+                        tracing::error!("SIGHUP: keeping the running configuration: {e}")
+                    })
+                    .ok()
+            });
+            crate::service::run(config, reload, cli.options.control_socket.as_deref())
         }),
-        Command::CheckConfig => load(&cli.options, &overrides).map(|config| check_config(&config)),
+        Command::CheckConfig => load(&cli.options, &overrides)
+            .and_then(|(config, source)| crate::check::check_config(&config, &source)),
         Command::Demo(args) => crate::demo::run_demo(args, &overrides),
         Command::Sim(args) => esp_sim::run_cli(args).map_err(Error::failure),
+        Command::Status => crate::admin::status(
+            cli.options
+                .control_socket
+                .as_deref()
+                .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
+        ),
+        Command::Apply => {
+            load(&cli.options, &overrides).and_then(|(config, _)| crate::units::apply(&config))
+        }
+        Command::GenerateUnits { dirs } => match dirs.first() {
+            Some(dir) => crate::units::generate(
+                dir,
+                load(&cli.options, &overrides)
+                    .map(|(config, _)| config)
+                    .map_err(|e| e.to_string()),
+            ),
+            None => Err(Error::usage("generate-units needs a directory")),
+        },
         Command::SetupPi(args) => crate::setup_pi::run(args),
     };
     match result {
@@ -122,40 +156,8 @@ pub fn run() -> u8 {
     }
 }
 
-fn load(options: &Options, overrides: &Overrides) -> crate::error::Result<Config> {
+fn load(options: &Options, overrides: &Overrides) -> crate::error::Result<(Config, Source)> {
     let (config, source) = Config::load(options.config.as_deref(), overrides)?;
     tracing::debug!("configuration from {source}");
-    Ok(config)
-}
-
-fn check_config(config: &Config) {
-    let s = &config.serial;
-    println!(
-        "configuration OK\n  serial:  {} at {} baud, {} data bits, parity {:?}, {} stop bit(s), flow control {:?}",
-        s.device.display(),
-        s.baud.0,
-        s.data_bits.0,
-        s.parity,
-        s.stop_bits.count(),
-        s.flow_control
-    );
-    let listen: Vec<String> = config
-        .network
-        .listen
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-    println!(
-        "  network: listen on {} (unless started by esp-bridge.socket), second client: {:?}, keepalive {} s",
-        listen.join(", "),
-        config.network.second_client,
-        config.network.keepalive_secs.0
-    );
-    println!("  control: {}", config.control.backend);
-    if !s.device.exists() {
-        println!(
-            "  note: {} does not exist right now; clients will be told so until it appears",
-            s.device.display()
-        );
-    }
+    Ok((config, source))
 }

@@ -6,7 +6,7 @@
 
 use crate::settings::LineSettings;
 pub use crate::settings::{FlowControl, Parity, StopBits};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +14,20 @@ use std::time::Duration;
 
 /// Where the service looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/esp-bridge.toml";
+/// Names another default file (for a second instance, or a test), as `--config` would, except
+/// that a missing file means the built-in defaults.
+pub const DEFAULT_PATH_ENV: &str = "ESP_BRIDGE_CONFIG";
+
+/// The file read when `--config` is not given.
+pub fn default_path() -> PathBuf {
+    std::env::var_os(DEFAULT_PATH_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
 
 /// The whole configuration, after defaults and overrides.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub serial: SerialConfig,
@@ -25,7 +36,7 @@ pub struct Config {
 }
 
 /// `[serial]`: the UART and its settings at the start of every client session.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SerialConfig {
     #[serde(deserialize_with = "device_path")]
@@ -64,7 +75,7 @@ impl SerialConfig {
 }
 
 /// `[network]`: where clients connect and how a second client is treated.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Addresses bound for RFC 2217 clients when no socket is passed in by systemd.
@@ -77,17 +88,17 @@ pub struct NetworkConfig {
     pub keepalive_secs: KeepaliveSecs,
     /// Exit after this many seconds without a client (0: never). Under socket activation
     /// systemd starts the service again on the next connection.
-    pub idle_exit_secs: u64,
+    pub idle_exit_secs: IdleExitSecs,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
-            raw_listen: Vec::new(),
+            raw_listen: vec![SocketAddr::from(([0, 0, 0, 0], 2218))],
             second_client: SecondClient::Refuse,
             keepalive_secs: KeepaliveSecs(10),
-            idle_exit_secs: 0,
+            idle_exit_secs: IdleExitSecs(0),
         }
     }
 }
@@ -96,10 +107,14 @@ impl NetworkConfig {
     pub fn keepalive(&self) -> Duration {
         Duration::from_secs(self.keepalive_secs.0)
     }
+    /// How long without a client before the service exits, if it should.
+    pub fn idle_exit(&self) -> Option<Duration> {
+        (self.idle_exit_secs.0 > 0).then(|| Duration::from_secs(self.idle_exit_secs.0))
+    }
 }
 
 /// What to do when a client connects while another is being served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SecondClient {
     /// Tell the newcomer the port is busy and close its connection.
@@ -110,7 +125,7 @@ pub enum SecondClient {
 }
 
 /// What to do with the chip when its client leaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AfterDisconnect {
     /// Release both lines; a chip left in download mode is reset into its application.
@@ -120,7 +135,7 @@ pub enum AfterDisconnect {
 }
 
 /// `[control]`: how the client's DTR/RTS reach the board's EN and IO0.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub backend: ControlBackend,
@@ -132,7 +147,7 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
-            backend: ControlBackend::None,
+            backend: ControlBackend::Gpio,
             mode: ControlMode::Esp,
             after_disconnect: AfterDisconnect::Run,
             gpio: GpioConfig::default(),
@@ -140,7 +155,7 @@ impl Default for ControlConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlBackend {
     /// Nothing is driven; DTR/RTS requests are acknowledged only.
@@ -162,7 +177,7 @@ impl fmt::Display for ControlBackend {
 }
 
 /// How DTR/RTS are interpreted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlMode {
     /// As the intent of a dev board's auto-program circuit, with reset and bootloader
@@ -173,7 +188,7 @@ pub enum ControlMode {
 }
 
 /// `[control.gpio]`: the two lines of the seed wiring.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpioConfig {
     /// The line wired to EN (reset).
@@ -181,6 +196,7 @@ pub struct GpioConfig {
     /// The line wired to IO0 (boot mode).
     pub boot: LineSpec,
     /// The chip, needed only when lines are given by offset ("gpiochip0" or a path).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chip: Option<String>,
     /// Asserted = driven low.
     pub active_low: bool,
@@ -195,20 +211,22 @@ impl Default for GpioConfig {
             boot: LineSpec::Name("GPIO10".into()),
             chip: None,
             active_low: true,
-            drive: Drive::PushPull,
-            bias: Bias::AsIs,
+            // Released = not driven: the line floats up to the board's pull-up (and the Pi's),
+            // so a board's EN or BOOT button never shorts a Pi output driven high.
+            drive: Drive::OpenDrain,
+            bias: Bias::PullUp,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Drive {
     PushPull,
     OpenDrain,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Bias {
     AsIs,
@@ -229,6 +247,15 @@ impl fmt::Display for LineSpec {
         match self {
             LineSpec::Name(n) => write!(f, "{n}"),
             LineSpec::Offset(o) => write!(f, "offset {o}"),
+        }
+    }
+}
+
+impl Serialize for LineSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LineSpec::Name(n) => s.serialize_str(n),
+            LineSpec::Offset(o) => s.serialize_u32(*o),
         }
     }
 }
@@ -275,9 +302,16 @@ fn device_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Err
 
 macro_rules! checked_value {
     ($name:ident, $inner:ty, $check:expr) => {
-        #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-        #[serde(try_from = "i64")]
+        #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+        #[serde(try_from = "i64", into = "i64")]
         pub struct $name(pub $inner);
+
+        impl From<$name> for i64 {
+            fn from(v: $name) -> i64 {
+                // Every checked value's range fits in an i64: it came from one.
+                i64::try_from(v.0).unwrap_or(i64::MAX)
+            }
+        }
 
         impl TryFrom<i64> for $name {
             type Error = String;
@@ -290,12 +324,13 @@ macro_rules! checked_value {
 }
 
 checked_value!(BaudRate, u32, |v| {
-    if (50..=20_000_000).contains(&v) {
-        Ok(v as u32)
-    } else {
-        Err(format!(
-            "baud rate {v} is out of range: use a rate from 50 to 20000000, e.g. 115200"
-        ))
+    match u32::try_from(v) {
+        Ok(b) if crate::settings::baud_in_range(b) => Ok(b),
+        _ => Err(format!(
+            "baud rate {v} is out of range: use a rate from {} to {}, e.g. 115200",
+            crate::settings::BAUD_MIN,
+            crate::settings::BAUD_MAX
+        )),
     }
 });
 
@@ -304,6 +339,19 @@ checked_value!(DataBits, u8, |v| {
         Ok(v as u8)
     } else {
         Err(format!("data_bits {v} is not allowed: use 5, 6, 7 or 8"))
+    }
+});
+
+/// The longest idle exit: a week. Beyond that "never" (0) is what is meant.
+pub const IDLE_EXIT_MAX: i64 = 7 * 24 * 3600;
+
+checked_value!(IdleExitSecs, u64, |v| {
+    if (0..=IDLE_EXIT_MAX).contains(&v) {
+        Ok(v as u64)
+    } else {
+        Err(format!(
+            "idle_exit_secs {v} is out of range: use 0 (never exit) to {IDLE_EXIT_MAX} seconds (a week)"
+        ))
     }
 });
 
@@ -328,6 +376,10 @@ pub enum ConfigError {
     /// Syntax, unknown key, wrong type or a value out of range. `detail` is toml's report,
     /// which shows the line, the column and the key.
     Invalid { path: PathBuf, detail: String },
+    /// The path is not a regular file (a FIFO, a directory, a device).
+    NotAFile { path: PathBuf, kind: &'static str },
+    /// The file is larger than any configuration ([`MAX_FILE_BYTES`]).
+    TooLarge { path: PathBuf, size: u64 },
     /// A command-line value was not acceptable.
     Override { flag: &'static str, detail: String },
 }
@@ -342,9 +394,19 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::Invalid { path, detail } => write!(
                 f,
-                "invalid config file {}: {}\n  hint: the shipped example with every key explained is config/esp-bridge.toml (/usr/share/doc/esp-bridge/esp-bridge.toml when installed)",
+                "invalid config file {}: {}\n  hint: every key is explained in the example /usr/share/doc/esp-bridge/esp-bridge.toml (config/esp-bridge.toml in the source)",
                 path.display(),
                 detail.trim_end()
+            ),
+            ConfigError::NotAFile { path, kind } => write!(
+                f,
+                "config file {} is {kind}, not a regular file\n  hint: give the path of the TOML file itself (--config), e.g. /etc/esp-bridge.toml",
+                path.display()
+            ),
+            ConfigError::TooLarge { path, size } => write!(
+                f,
+                "config file {} is {size} bytes, more than any configuration ({MAX_FILE_BYTES} at most)\n  hint: check that --config names the TOML file, not a log or an image",
+                path.display()
             ),
             ConfigError::Override { flag, detail } => write!(f, "invalid {flag}: {detail}"),
         }
@@ -374,8 +436,91 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::File(p) => write!(f, "{}", p.display()),
-            Source::BuiltIn => write!(f, "built-in defaults ({DEFAULT_PATH} not found)"),
+            Source::BuiltIn => write!(
+                f,
+                "built-in defaults ({} not found)",
+                default_path().display()
+            ),
         }
+    }
+}
+
+/// The line (1-based) holding the most deeply dotted key or table header, if it is deeper
+/// than any esp-bridge key, with that key (shortened).
+fn deepest_key_line(text: &str) -> Option<(usize, String)> {
+    const DEEPEST_KEY: usize = 4;
+    let mut deepest: Option<(usize, usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let code = line.split('#').next().unwrap_or_default().trim();
+        let key = if let Some(header) = code.strip_prefix('[') {
+            header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or_default()
+        } else {
+            code.split('=').next().unwrap_or_default()
+        };
+        let depth = key.split('.').count();
+        if depth > DEEPEST_KEY && deepest.as_ref().is_none_or(|(_, d, _)| depth > *d) {
+            let shown: String = key.trim().chars().take(40).collect();
+            deepest = Some((i + 1, depth, format!("{shown}...")));
+        }
+    }
+    deepest.map(|(line, _, key)| (line, key))
+}
+
+/// The largest configuration file read: far above any real one (a hundred boards take about
+/// 30 KiB), small enough that reading it costs nothing.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file: a regular file of at most [`MAX_FILE_BYTES`]. It is opened
+/// without blocking and checked before a byte is read, so a FIFO, a device or a huge file in
+/// its place is refused with a message instead of stalling or swelling the service.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |error| ConfigError::Read {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+            kind: file_kind(&meta.file_type()),
+        });
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    Ok(text)
+}
+
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
 }
 
@@ -384,7 +529,17 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
-            detail: e.to_string(),
+            detail: match e.span() {
+                Some(_) => e.to_string(),
+                // toml's recursion limit on dotted keys comes without a position.
+                None => match deepest_key_line(text) {
+                    Some((line, key)) => format!(
+                        "{} at line {line}: key `{key}` is nested too deeply (esp-bridge's keys are at most 3 levels deep, e.g. [control.gpio] reset)",
+                        e.message().trim_end()
+                    ),
+                    None => e.to_string(),
+                },
+            },
         })
     }
 
@@ -397,18 +552,15 @@ impl Config {
         let (mut config, source) = match explicit {
             Some(path) => (Self::read(path)?, Source::File(path.to_path_buf())),
             None => {
-                let path = Path::new(DEFAULT_PATH);
-                match std::fs::read_to_string(path) {
-                    Ok(text) => (Self::parse(&text, path)?, Source::File(path.to_path_buf())),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let path = default_path();
+                match Self::read(&path) {
+                    Ok(config) => (config, Source::File(path)),
+                    Err(ConfigError::Read { error, .. })
+                        if error.kind() == std::io::ErrorKind::NotFound =>
+                    {
                         (Config::default(), Source::BuiltIn)
                     }
-                    Err(error) => {
-                        return Err(ConfigError::Read {
-                            path: path.to_path_buf(),
-                            error,
-                        });
-                    }
+                    Err(e) => return Err(e),
                 }
             }
         };
@@ -416,11 +568,22 @@ impl Config {
         Ok((config, source))
     }
 
+    /// Reads the configuration again (SIGHUP) from where it came from at start: a file that
+    /// was there must still be (a missing one is an error, not a reason to fall back to the
+    /// built-in defaults); with no file at start, [`DEFAULT_PATH`] is read if it appeared.
+    pub fn reload(source: &Source, overrides: &Overrides) -> Result<Config, ConfigError> {
+        match source {
+            Source::File(path) => {
+                let mut config = Self::read(path)?;
+                config.apply(overrides)?;
+                Ok(config)
+            }
+            Source::BuiltIn => Self::load(None, overrides).map(|(config, _)| config),
+        }
+    }
+
     fn read(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
+        let text = read_text(path)?;
         Self::parse(&text, path)
     }
 
@@ -467,12 +630,31 @@ mod tests {
         assert_eq!(c.control.gpio.reset, LineSpec::Name("GPIO22".into()));
     }
 
+    /// The shipped file says "a missing key takes the default shown here": every key of the
+    /// configuration is in it, with exactly the code's default value.
     #[test]
-    fn shipped_example_parses() {
+    fn the_shipped_file_is_the_built_in_defaults_key_for_key() {
         let text = include_str!("../config/esp-bridge.toml");
-        let c = Config::parse(text, Path::new("config/esp-bridge.toml")).unwrap();
-        assert_eq!(c.serial.device, PathBuf::from("/dev/serial0"));
-        assert_eq!(c.serial.baud.0, 115_200);
+        let shipped = Config::parse(text, Path::new("config/esp-bridge.toml")).unwrap();
+        assert_eq!(shipped, Config::default(), "values differ");
+        let keys_of = |t: &toml::Table| {
+            fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+                for (k, v) in t {
+                    let key = format!("{prefix}{k}");
+                    match v {
+                        toml::Value::Table(inner) => walk(&format!("{key}."), inner, out),
+                        _ => out.push(key),
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            walk("", t, &mut out);
+            out.sort();
+            out
+        };
+        let shipped_keys = keys_of(&text.parse::<toml::Table>().unwrap());
+        let default_keys = keys_of(&toml::Table::try_from(Config::default()).unwrap());
+        assert_eq!(shipped_keys, default_keys, "keys differ");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! backend sees one. Everything above that seam (the reset engine, the line translation) is
 //! the production code.
 
+use crate::bridge::PortKind;
 use crate::config::{Config, ControlBackend, ControlMode, Overrides};
 use crate::control::{LineDriver, ModemLines, ModemPort, Straps};
 use crate::error::{Error, Result};
@@ -111,6 +112,31 @@ impl ModemPort for SimAutoProgram {
 const DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2217);
 const DEMO_RAW_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2218);
 
+/// What to try, printed once the ports are bound.
+fn banner(device: &str, listeners: &[crate::bridge::Listener]) {
+    let url = |kind: PortKind, scheme: &str| {
+        listeners
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .find_map(|(l, _)| l.local_addr().ok())
+            .map(|a| format!("{scheme}://{a}"))
+            .unwrap_or_else(|| format!("(no {kind} port)"))
+    };
+    let (rfc, raw) = (
+        url(PortKind::Rfc2217, "rfc2217"),
+        url(PortKind::EspRaw, "socket"),
+    );
+    eprintln!(
+        "esp-bridge demo: a virtual ESP32 is on {device}, served at {raw} (fast raw port, for \
+         flashing) and {rfc} (RFC 2217, for monitors)\n\
+         Try, in another terminal (pip install esptool):\n\
+         \x20 esptool --port {raw} flash-id\n\
+         \x20 esptool --port {raw} -b 921600 write-flash 0x10000 some.bin\n\
+         \x20 python -m serial.tools.miniterm {rfc} 115200\n\
+         Ctrl-C stops."
+    );
+}
+
 pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
     let sim = Esp32Sim::start(SimConfig {
         pace: args.pace,
@@ -128,26 +154,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
     // The device and the control lines are the virtual chip's; the rest may be overridden.
     demo_overrides.device = None;
     demo_overrides.control = None;
-    config
-        .apply(&demo_overrides)
-        .map_err(|e| Error::usage(e.to_string()))?;
-    let first = |addrs: &[SocketAddr], scheme: &str| {
-        addrs
-            .first()
-            .map(|a| format!("{scheme}://{a}"))
-            .unwrap_or_default()
-    };
-    let url = first(&config.network.listen, "rfc2217");
-    let raw = first(&config.network.raw_listen, "socket");
-    eprintln!(
-        "esp-bridge demo: a virtual ESP32 is on {} and served at {url} (RFC 2217) and {raw} (fast raw port)\n\
-         Try, in another terminal (pip install esptool):\n\
-         \x20 esptool --port {url} flash-id\n\
-         \x20 esptool --port {raw} write-flash 0x10000 some.bin     # flashes as fast as a local cable\n\
-         \x20 python -m serial.tools.miniterm {url} 115200\n\
-         Ctrl-C stops.",
-        sim.device_path().display()
-    );
+    config.apply(&demo_overrides)?;
     let driver: Box<dyn LineDriver> = match args.wiring {
         Wiring::Gpio => Box::new(SimLines(sim.pins())),
         Wiring::Modem => Box::new(ModemLines::new(SimAutoProgram {
@@ -163,10 +170,17 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
         DemoMode::Esp => ControlMode::Esp,
         DemoMode::Direct => ControlMode::Direct,
     };
-    let served = crate::service::runtime()?.block_on(async {
+    let device = sim.device_path().display().to_string();
+    let served = crate::service::block_on(async {
         let signals = crate::service::install_signals()?;
+        let sockets = crate::service::Sockets {
+            boards: crate::service::listeners(&config).await?,
+            control: None,
+        };
+        // Said once the ports are bound, with the addresses they really have.
+        banner(&device, &sockets.boards);
         let control = crate::control::policy_over(driver, &config.control);
-        crate::service::serve_with(config, control, signals, None).await
+        crate::service::serve_with(config, sockets, control, signals, None).await
     });
     drop(sim);
     served

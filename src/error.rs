@@ -66,8 +66,13 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl From<crate::config::ConfigError> for Error {
+    /// A value given on the command line is a usage error (64); one in the file, or the file
+    /// itself, a configuration error (78).
     fn from(e: crate::config::ConfigError) -> Self {
-        Error::config(e.to_string())
+        match e {
+            crate::config::ConfigError::Override { .. } => Error::usage(e.to_string()),
+            _ => Error::config(e.to_string()),
+        }
     }
 }
 

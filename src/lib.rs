@@ -16,12 +16,15 @@
 //! Public: the command line ([`cli::run`]), the codec and the configuration (for the fuzz
 //! targets), and [`serve`] with the control-line traits (for the in-process tests).
 
+mod admin;
 mod bridge;
+mod check;
 pub mod cli;
 pub mod config;
 mod control;
 mod demo;
 mod error;
+mod log_limit;
 pub mod protocol;
 mod service;
 mod session;
@@ -32,6 +35,7 @@ mod supervisor;
 mod systemd;
 mod timer;
 mod uart;
+mod units;
 
 pub use bridge::{Listener, PortKind};
 pub use control::{Control, ModemOutputs, NoControl};

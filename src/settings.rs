@@ -2,10 +2,21 @@
 //! (which deserializes them), the RFC 2217 codec (which decodes them from the wire and encodes
 //! them back) and the UART (which applies them).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// The baud rates esp-bridge sets a UART to: the config's range, and the limit for every rate a
+/// client asks for (SET-BAUDRATE, the raw port's CHANGE_BAUDRATE). Outside it the UART keeps
+/// its rate.
+pub const BAUD_MIN: u32 = 50;
+pub const BAUD_MAX: u32 = 20_000_000;
+
+/// Whether `baud` is one esp-bridge sets a UART to.
+pub fn baud_in_range(baud: u32) -> bool {
+    (BAUD_MIN..=BAUD_MAX).contains(&baud)
+}
 
 /// Parity as Linux UARTs offer it (RFC 2217's mark and space are not among them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Parity {
     None,
@@ -14,11 +25,17 @@ pub enum Parity {
 }
 
 /// Stop bits as Linux UARTs offer them (RFC 2217's 1.5 is not among them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "i64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "i64", into = "i64")]
 pub enum StopBits {
     One,
     Two,
+}
+
+impl From<StopBits> for i64 {
+    fn from(s: StopBits) -> i64 {
+        i64::from(s.count())
+    }
 }
 
 impl TryFrom<i64> for StopBits {
@@ -42,7 +59,7 @@ impl StopBits {
 }
 
 /// Flow control of the UART.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowControl {
     None,

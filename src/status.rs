@@ -19,6 +19,8 @@ pub enum Activity {
 /// One board's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoardStatus {
+    /// The board's name (`[[board]] name`; "default" for a file with one board).
+    pub name: String,
     /// Where clients connect, for the idle line ("127.0.0.1:2217 (RFC 2217)").
     pub listening: Vec<String>,
     pub activity: Activity,
@@ -82,6 +84,15 @@ impl StatusBook {
     /// The one-line summary of all boards.
     pub fn line(&self) -> String {
         summary(&self.boards.borrow())
+    }
+
+    /// A line per board, `NAME<TAB>what it is doing`: the answer to `esp-bridge status`.
+    pub fn report(&self) -> String {
+        self.boards
+            .borrow()
+            .iter()
+            .map(|b| format!("{}\t{}\n", b.name, b.line()))
+            .collect()
     }
 }
 

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::status::{Activity, StatusBook};
 use crate::timer;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -16,7 +17,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Re-reads the configuration (SIGHUP); `None` when the new one is unusable (already logged).
-pub type Reload = Box<dyn Fn() -> Option<Config> + Send>;
+/// It runs on the blocking pool: file I/O never stalls the thread that moves the bytes.
+pub type Reload = Arc<dyn Fn() -> Option<Config> + Send + Sync>;
+
+/// How long a reload may take before the running configuration is kept without it.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the bridges may take to stop (their sessions hand over their last bytes, the
 /// control lines settle) before the process exits anyway: well inside the unit's
@@ -108,6 +113,14 @@ impl Supervisor {
             .push(tokio::spawn(bridge.run(config, shutdown)));
     }
 
+    /// Answers `esp-bridge status` on the control socket until the supervisor stops.
+    pub fn serve_control(&mut self, listener: tokio::net::UnixListener) {
+        let book = self.book.clone();
+        let shutdown = self.shutdown.subscribe();
+        self.bridges
+            .push(tokio::spawn(crate::admin::serve(listener, book, shutdown)));
+    }
+
     /// Runs until a signal (or `stop`) says to stop, or the idle exit is due; then stops
     /// every bridge.
     pub async fn run(self, mut signals: Signals, stop: impl Future<Output = ()>) {
@@ -125,11 +138,15 @@ impl Supervisor {
         // one thread) stops the pings and systemd restarts the service.
         let mut watchdog = crate::systemd::watchdog_period().map(tokio::time::interval);
         let mut idle_since = Some(Instant::now());
+        let mut reloading: Option<(JoinHandle<Option<Config>>, Instant)> = None;
+        // Every second: the counts of rate-limited log lines whose window is over, and the
+        // notifications a full socket held back.
+        let mut housekeeping = Some(tokio::time::interval(Duration::from_secs(1)));
         loop {
-            let idle_secs = config.borrow().network.idle_exit_secs;
+            let idle_exit = config.borrow().network.idle_exit();
             let idle_deadline = idle_since
-                .filter(|_| idle_secs > 0)
-                .map(|t| t + Duration::from_secs(idle_secs));
+                .zip(idle_exit)
+                .and_then(|(since, after)| since.checked_add(after));
             tokio::select! {
                 () = &mut stop => break,
                 asked = signals.next() => match asked {
@@ -137,15 +154,23 @@ impl Supervisor {
                         tracing::info!("{name} received: finishing the current session and stopping");
                         break;
                     }
-                    Asked::Reload => {
-                        if let Some(new) = reload.as_ref().and_then(|r| r()) {
-                            warn_unreloadable(&config.borrow(), &new);
-                            config.send_replace(new);
-                            tracing::info!("configuration re-read (SIGHUP); it applies from the next client");
+                    Asked::Reload => match (&reload, &reloading) {
+                        (Some(r), None) => {
+                            let r = Arc::clone(r);
+                            reloading = Some((
+                                tokio::task::spawn_blocking(move || r()),
+                                Instant::now() + RELOAD_TIMEOUT,
+                            ));
                         }
-                    }
+                        (Some(_), Some(_)) => tracing::info!("SIGHUP: a reload is already under way"),
+                        (None, _) => {}
+                    },
                 },
                 () = timer::tick(&mut watchdog) => crate::systemd::watchdog_ping(),
+                () = timer::tick(&mut housekeeping) => {
+                    crate::log_limit::flush();
+                    crate::systemd::retry();
+                }
                 Ok(()) = changes.changed() => {
                     let boards = changes.borrow_and_update().clone();
                     // Idle from the last change on which no board is serving a client.
@@ -155,9 +180,25 @@ impl Supervisor {
                     idle_since = (!serving).then(Instant::now);
                     crate::systemd::status(&crate::status::summary(&boards));
                 }
+                read = reload_done(&mut reloading) => {
+                    reloading = None;
+                    match read {
+                        Some(Some(new)) => {
+                            warn_unreloadable(&config.borrow(), &new);
+                            config.send_replace(new);
+                            tracing::info!("configuration re-read (SIGHUP); it applies from the next client");
+                        }
+                        Some(None) => {}
+                        None => tracing::error!(
+                            "SIGHUP: reading the configuration did not finish within {} s: keeping the running configuration",
+                            RELOAD_TIMEOUT.as_secs()
+                        ),
+                    }
+                }
                 () = timer::sleep_until(idle_deadline) => {
                     tracing::info!(
-                        "no client for {idle_secs} s (idle_exit_secs): exiting; the socket unit starts esp-bridge again on the next connection"
+                        "no client for {} s (idle_exit_secs): exiting; the socket unit starts esp-bridge again on the next connection",
+                        idle_exit.unwrap_or_default().as_secs()
                     );
                     break;
                 }
@@ -172,6 +213,33 @@ impl Supervisor {
         };
         if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
             tracing::warn!("a bridge did not stop in time; exiting anyway");
+        }
+    }
+}
+
+/// The result of a reload under way: `Some(config or None)` when it finished, `None` when it
+/// took too long (it is abandoned; a blocked read cannot hold up the exit, see `service`).
+async fn reload_done(
+    reloading: &mut Option<(JoinHandle<Option<Config>>, Instant)>,
+) -> Option<Option<Config>> {
+    match reloading {
+        Some((task, deadline)) => match tokio::time::timeout_at(*deadline, task).await {
+            Ok(Ok(read)) => Some(read),
+            Ok(Err(_)) => Some(None),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the supervisor says to stop (or is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
         }
     }
 }

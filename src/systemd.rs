@@ -5,30 +5,75 @@
 //! its own addresses, without NOTIFY_SOCKET notifications are no-ops, and without the journal
 //! logs go to stderr.
 
+use crate::bridge::PortKind;
 use sd_notify::NotifyState;
 use std::net::TcpListener;
-use std::sync::Mutex;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The names a passed-in socket may carry (`FileDescriptorName=` in the socket unit). systemd
-/// names sockets after their unit when the unit gives none.
-const RFC2217_NAMES: &[&str] = &["rfc2217", "esp-bridge.socket", "unknown", ""];
-/// The name that marks the ESP-aware raw port.
-const RAW_NAME: &str = "raw";
-
-/// A listening socket handed over by systemd.
-#[derive(Debug)]
-pub struct Inherited {
-    pub name: String,
-    pub listener: TcpListener,
-    pub kind: crate::bridge::PortKind,
+/// What a socket passed in by systemd is for, by its name (`FileDescriptorName=` in its unit:
+/// the generated board sockets say `<board>.rfc2217` or `<board>.raw`, the control socket
+/// `control`). A name, never a port number or the order of the sockets, decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdName {
+    /// A board's port; `board` is `None` for a name without one (a hand-made unit naming its
+    /// socket `rfc2217` or `raw`, or none at all): the configuration's only board.
+    Board {
+        board: Option<String>,
+        kind: PortKind,
+    },
+    /// The local control socket (`esp-bridge status`).
+    Control,
 }
 
-/// Takes the listening sockets systemd passed in (LISTEN_FDS / LISTEN_FDNAMES), made
-/// non-blocking for tokio. `Ok(None)` when there are none: the daemon binds its own.
-/// A socket named "raw", or on one of `raw_ports`, is the ESP-aware raw port; the rest are
-/// RFC 2217.
-pub fn inherited_listeners(raw_ports: &[u16]) -> Result<Option<Vec<Inherited>>, String> {
+/// Reads a `FileDescriptorName=`.
+pub fn parse_fd_name(name: &str) -> Result<FdName, String> {
+    let kind_of = |k: &str| match k {
+        "rfc2217" => Some(PortKind::Rfc2217),
+        "raw" => Some(PortKind::EspRaw),
+        _ => None,
+    };
+    match name {
+        "control" => Ok(FdName::Control),
+        // systemd names a socket after its unit when the unit gives no name.
+        "" | "unknown" | "esp-bridge.socket" => Ok(FdName::Board {
+            board: None,
+            kind: PortKind::Rfc2217,
+        }),
+        _ => {
+            if let Some(kind) = kind_of(name) {
+                return Ok(FdName::Board { board: None, kind });
+            }
+            match name.rsplit_once('.') {
+                Some((board, k)) if !board.is_empty() && kind_of(k).is_some() => {
+                    Ok(FdName::Board {
+                        board: Some(board.to_string()),
+                        kind: kind_of(k).unwrap_or(PortKind::Rfc2217),
+                    })
+                }
+                _ => Err(format!(
+                    "a socket passed by systemd is named \"{name}\", which esp-bridge does not know: its socket units name their sockets BOARD.rfc2217, BOARD.raw or control (FileDescriptorName=); run `sudo esp-bridge apply` to regenerate them from /etc/esp-bridge.toml"
+                )),
+            }
+        }
+    }
+}
+
+/// The sockets systemd passed in, by what they are for.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// Board ports: (board name or `None` for the only board, protocol, listener).
+    pub boards: Vec<(Option<String>, PortKind, TcpListener)>,
+    pub control: Option<UnixListener>,
+}
+
+/// Takes the sockets systemd passed in (LISTEN_FDS / LISTEN_FDNAMES), made non-blocking for
+/// tokio. `Ok(None)` when there are none: the daemon binds its own.
+pub fn passed_sockets() -> Result<Option<Passed>, String> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
         return Ok(None);
@@ -36,50 +81,92 @@ pub fn inherited_listeners(raw_ports: &[u16]) -> Result<Option<Vec<Inherited>>, 
     let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
         .map(|v| v.split(':').map(str::to_string).collect())
         .unwrap_or_default();
-    let mut out = Vec::new();
+    let mut out = Passed::default();
     for i in 0..fds.len() {
         let name = names.get(i).cloned().unwrap_or_default();
-        let listener = match fds.take_tcp_listener(i) {
-            Ok(Some(l)) => l,
-            Ok(None) => continue,
-            Err(e) => {
-                return Err(format!(
-                    "socket {i} passed by systemd (name \"{name}\") is not a listening TCP socket ({e}): esp-bridge.socket must use ListenStream= only"
-                ));
+        let nonblocking =
+            |e: std::io::Error| format!("cannot make the socket from systemd non-blocking: {e}");
+        match parse_fd_name(&name)? {
+            FdName::Control => {
+                let listener = fds
+                    .take_unix_listener(i)
+                    .map_err(|e| {
+                        format!("socket {i} passed by systemd (\"control\") is not a listening unix socket ({e}): esp-bridge.socket must use ListenStream=/run/esp-bridge/control.sock")
+                    })?
+                    .ok_or_else(|| format!("socket {i} passed by systemd was already taken"))?;
+                listener.set_nonblocking(true).map_err(nonblocking)?;
+                out.control = Some(listener);
             }
-        };
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let kind = if name == RAW_NAME || raw_ports.contains(&port) {
-            crate::bridge::PortKind::EspRaw
-        } else if RFC2217_NAMES.contains(&name.as_str()) {
-            crate::bridge::PortKind::Rfc2217
-        } else {
-            return Err(format!(
-                "socket {i} passed by systemd is named \"{name}\", which esp-bridge does not know: use FileDescriptorName=rfc2217 (or none) for RFC 2217 and FileDescriptorName=raw for the raw port in esp-bridge.socket"
-            ));
-        };
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("cannot make the socket from systemd non-blocking: {e}"))?;
-        out.push(Inherited {
-            name,
-            listener,
-            kind,
-        });
+            FdName::Board { board, kind } => {
+                let listener = fds
+                    .take_tcp_listener(i)
+                    .map_err(|e| {
+                        format!("socket {i} passed by systemd (\"{name}\") is not a listening TCP socket ({e}): a board's socket unit must use ListenStream= with a port")
+                    })?
+                    .ok_or_else(|| format!("socket {i} passed by systemd was already taken"))?;
+                listener.set_nonblocking(true).map_err(nonblocking)?;
+                out.boards.push((board, kind, listener));
+            }
+        }
     }
     Ok(Some(out))
 }
 
-fn notify(state: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::debug!("sd_notify failed: {e}");
+/// The notification socket, connected once and non-blocking: when PID 1 does not drain it
+/// (its queue holds `net.unix.max_dgram_qlen` datagrams, 10 by default), a send fails with
+/// EAGAIN instead of stalling the one thread that also moves every client's bytes. (The
+/// sd-notify crate sends through a new blocking socket each time.)
+static NOTIFY: OnceLock<Option<UnixDatagram>> = OnceLock::new();
+
+fn notify_socket() -> Option<&'static UnixDatagram> {
+    NOTIFY
+        .get_or_init(|| {
+            let path = std::env::var_os("NOTIFY_SOCKET")?;
+            let sock = UnixDatagram::unbound().ok()?;
+            let bytes = path.as_encoded_bytes();
+            let connected = match bytes.strip_prefix(b"@") {
+                // An abstract socket (systemd in a container names one so).
+                Some(name) => {
+                    SocketAddr::from_abstract_name(name).and_then(|addr| sock.connect_addr(&addr))
+                }
+                None => sock.connect(&path),
+            };
+            if let Err(e) = connected.and_then(|()| sock.set_nonblocking(true)) {
+                tracing::warn!("cannot reach systemd's notification socket {path:?}: {e}");
+                return None;
+            }
+            Some(sock)
+        })
+        .as_ref()
+}
+
+/// Sends one notification without waiting; false when it could not go out now.
+fn notify(state: &[NotifyState]) -> bool {
+    let Some(sock) = notify_socket() else {
+        return true;
+    };
+    let mut msg = String::new();
+    for s in state {
+        msg.push_str(&s.to_string());
+        msg.push('\n');
+    }
+    match sock.send(msg.as_bytes()) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!("sd_notify: {e}; sent again later if it matters");
+            false
+        }
     }
 }
 
+/// READY=1 still to be sent (the socket was full when it was due).
+static READY_PENDING: AtomicBool = AtomicBool::new(false);
+
 /// READY=1 with a first status line.
 pub fn ready(status: &str) {
-    status_line().record(status);
-    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    if !status_line().send(status, Some(NotifyState::Ready)) {
+        READY_PENDING.store(true, Ordering::Relaxed);
+    }
 }
 
 /// STOPPING=1.
@@ -87,9 +174,19 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-/// WATCHDOG=1: the serving loop is alive; also sends a status line the rate limit held back.
+/// WATCHDOG=1: the serving loop is alive. A ping that finds the socket full is dropped: the
+/// next one comes half a watchdog period later.
 pub fn watchdog_ping() {
     notify(&[NotifyState::Watchdog]);
+    retry();
+}
+
+/// Sends what is owed: READY=1 if it could not go out, and a status line held back by the
+/// rate limit or a full socket. The supervisor calls it every second.
+pub fn retry() {
+    if READY_PENDING.load(Ordering::Relaxed) && notify(&[NotifyState::Ready]) {
+        READY_PENDING.store(false, Ordering::Relaxed);
+    }
     send_held_status();
 }
 
@@ -102,8 +199,8 @@ pub fn watchdog_period() -> Option<Duration> {
 /// rates changes the status line at every command, and each would be a message to PID 1.
 const STATUS_GAP: Duration = Duration::from_millis(100);
 
-/// The status line systemd has, and one held back by [`STATUS_GAP`] (sent with the next
-/// watchdog ping or status change, whichever comes first).
+/// The status line systemd has, and one held back by [`STATUS_GAP`] or a full socket (sent
+/// with the next retry or status change, whichever comes first).
 struct StatusLine {
     sent: String,
     sent_at: Option<Instant>,
@@ -123,44 +220,46 @@ fn status_line() -> std::sync::MutexGuard<'static, StatusLine> {
 }
 
 impl StatusLine {
-    /// Records `line` as sent (returns false when systemd has it already).
-    fn record(&mut self, line: &str) -> bool {
-        self.held = None;
-        if self.sent == line {
-            return false;
+    /// Sends `line` now, or holds it when the socket is full.
+    fn send(&mut self, line: &str, extra: Option<NotifyState>) -> bool {
+        let mut states = vec![NotifyState::Status(line)];
+        states.extend(extra);
+        if notify(&states) {
+            self.sent.clear();
+            self.sent.push_str(line);
+            self.sent_at = Some(Instant::now());
+            self.held = None;
+            true
+        } else {
+            self.held = Some(line.to_string());
+            false
         }
-        self.sent.clear();
-        self.sent.push_str(line);
-        self.sent_at = Some(Instant::now());
-        true
     }
 }
 
 /// STATUS=: one line saying what the service is doing (`systemctl status` shows it). Sent
 /// only when it changes, and at most once per [`STATUS_GAP`]; a newer line in between waits
-/// for the next watchdog ping or change.
+/// for the next retry or change.
 pub fn status(line: &str) {
     let mut s = status_line();
-    if s.sent_at.is_some_and(|at| at.elapsed() < STATUS_GAP) {
-        if s.sent != line {
-            s.held = Some(line.to_string());
-        } else {
-            s.held = None;
-        }
+    if s.sent == line {
+        s.held = None;
         return;
     }
-    if s.record(line) {
-        notify(&[NotifyState::Status(line)]);
+    if s.sent_at.is_some_and(|at| at.elapsed() < STATUS_GAP) {
+        s.held = Some(line.to_string());
+        return;
     }
+    s.send(line, None);
 }
 
-/// Sends a status line held back by the rate limit.
+/// Sends a status line held back by the rate limit or a full socket.
 fn send_held_status() {
     let mut s = status_line();
     if let Some(line) = s.held.take()
-        && s.record(&line)
+        && s.sent != line
     {
-        notify(&[NotifyState::Status(&line)]);
+        s.send(&line, None);
     }
 }
 
@@ -209,9 +308,51 @@ pub fn init_logging(verbose: bool) {
             .init();
         return;
     }
+    // Colours only for a person at a terminal: escape codes in a file or a pipe (a CI log,
+    // `2>log`) are noise.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_told_apart_by_name_only() {
+        let board = |b: Option<&str>, kind| FdName::Board {
+            board: b.map(str::to_string),
+            kind,
+        };
+        assert_eq!(parse_fd_name("control"), Ok(FdName::Control));
+        assert_eq!(
+            parse_fd_name("lab1.rfc2217"),
+            Ok(board(Some("lab1"), PortKind::Rfc2217))
+        );
+        assert_eq!(
+            parse_fd_name("lab-2.raw"),
+            Ok(board(Some("lab-2"), PortKind::EspRaw))
+        );
+        assert_eq!(
+            parse_fd_name("a.b.raw"),
+            Ok(board(Some("a.b"), PortKind::EspRaw))
+        );
+        for unnamed in ["", "unknown", "esp-bridge.socket", "rfc2217"] {
+            assert_eq!(
+                parse_fd_name(unnamed),
+                Ok(board(None, PortKind::Rfc2217)),
+                "{unnamed}"
+            );
+        }
+        assert_eq!(parse_fd_name("raw"), Ok(board(None, PortKind::EspRaw)));
+        for bad in ["lab1", "lab1.telnet", ".raw", "esp-bridge-raw.socket"] {
+            let e = parse_fd_name(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("esp-bridge apply"), "{e}");
+        }
+    }
 }

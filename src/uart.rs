@@ -15,20 +15,32 @@ use crate::settings::{FlowControl, Parity, StopBits};
 use rustix::io::Errno;
 use serialport::SerialPort;
 use std::future::Future;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// Modem input lines as RFC 2217 reports them (CD, RI, DSR, CTS bits of NOTIFY-MODEMSTATE).
 pub type ModemStatus = u8;
 
-/// A future that completes when everything written so far has left the UART.
-pub type Drain = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+/// What a bounded drain did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Everything written so far has left the UART.
+    Done,
+    /// The output did not leave in the time it needs at the current rate (flow control held
+    /// it: an XOFF from the device, CTS low) and was discarded.
+    Discarded,
+}
+
+/// A future that completes when everything written so far has left the UART, or within the
+/// time that should take, after discarding what is left.
+pub type Drain = Pin<Box<dyn Future<Output = io::Result<Drained>> + Send>>;
 
 /// What the session needs from a serial device. Setters are called only for real changes.
 pub trait Uart: AsyncRead + AsyncWrite + Unpin + Send {
@@ -40,7 +52,7 @@ pub trait Uart: AsyncRead + AsyncWrite + Unpin + Send {
     fn set_break(&mut self, on: bool) -> io::Result<()>;
     /// Discards received-but-unread (`input`) and written-but-unsent (`output`) bytes.
     fn purge(&mut self, input: bool, output: bool) -> io::Result<()>;
-    /// Waits, off the async threads, until the output queue is empty.
+    /// Waits, off the async threads and bounded, until the output queue is empty.
     fn drain(&mut self) -> Drain;
     /// The modem input lines; `Err` when the device has none (a pty, most Pi UARTs).
     fn modem_status(&mut self) -> io::Result<ModemStatus>;
@@ -54,31 +66,113 @@ pub struct SerialDevice {
     io: AsyncFd<OwnedFd>,
     /// Registered for writability while a write is blocked (a tty that is full), else none.
     write_waiter: Option<AsyncFd<OwnedFd>>,
-    /// A duplicate of the fd for tcdrain, which blocks: it runs on tokio's blocking pool.
-    /// It lives as long as the device because closing any duplicate clears TIOCEXCL on the
-    /// tty (serialport does that on drop), which would end the exclusive open early.
-    drainer: Arc<Mutex<serialport::TTYPort>>,
+    /// A duplicate of the fd for tcdrain, which blocks: it runs on tokio's blocking pool,
+    /// and for the tcflush that ends a drain that takes too long. A plain fd: serialport's
+    /// own duplicates clear TIOCEXCL when dropped, which would end the exclusive open early.
+    aux: Arc<OwnedFd>,
+    /// The rate in force, for the time a drain may take.
+    baud: u32,
 }
 
-/// Why a device could not be opened, worded for the log, with the fix.
+/// How long the output queue may take to leave: twice its wire time at `baud` (10 bits a
+/// byte, the UART's FIFO included), plus a second.
+pub fn drain_budget(queued: usize, baud: u32) -> Duration {
+    let bits = (queued as u64).saturating_add(64).saturating_mul(10 * 2);
+    Duration::from_secs(1)
+        + Duration::from_micros(bits.saturating_mul(1_000_000) / u64::from(baud.max(1)))
+}
+
+/// What is at a device path, as far as serving it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePath {
+    Missing,
+    NoPermission,
+    /// Something that is not a character device: "a regular file", "a FIFO", ...
+    NotADevice(&'static str),
+    /// A character device that is not a terminal (/dev/null, a gpiochip).
+    NotATty,
+    /// Opening it failed with EBUSY: another program holds it exclusively.
+    Busy,
+    /// A terminal (serial port) that can be opened.
+    Tty,
+    Other(String),
+}
+
+impl DevicePath {
+    /// Looks at `path` without keeping it open. Opening a tty raises DTR and RTS for a moment
+    /// (both at once, which an auto-program circuit ignores): used only to explain a failure
+    /// and in check-config.
+    pub fn inspect(path: &Path) -> DevicePath {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return DevicePath::Missing,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return DevicePath::NoPermission;
+            }
+            Err(e) => return DevicePath::Other(e.to_string()),
+        };
+        let t = meta.file_type();
+        if !t.is_char_device() {
+            return DevicePath::NotADevice(if t.is_file() {
+                "a regular file"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a character device"
+            });
+        }
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(path);
+        match file {
+            Ok(f) if rustix::termios::isatty(&f) => DevicePath::Tty,
+            Ok(_) => DevicePath::NotATty,
+            Err(e) if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => DevicePath::Busy,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => DevicePath::NoPermission,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DevicePath::Missing,
+            Err(e) => DevicePath::Other(e.to_string()),
+        }
+    }
+}
+
+/// Why a device could not be opened, worded for the log, with the fix. serialport reports a
+/// device held by another program (EBUSY, or its lock) as "no device", and a regular file as
+/// "Not a typewriter": the path is looked at again to name the real cause.
 pub fn describe_open_error(path: &Path, e: &io::Error) -> String {
     let p = path.display();
-    match e.kind() {
-        io::ErrorKind::NotFound => format!(
+    match DevicePath::inspect(path) {
+        DevicePath::Missing => format!(
             "serial device {p} does not exist: check [serial] device in the config (a USB adapter may be unplugged; on a Raspberry Pi enable the UART with raspi-config)"
         ),
-        io::ErrorKind::PermissionDenied => format!(
+        DevicePath::NoPermission => format!(
             "no permission to open serial device {p}: run esp-bridge as a member of the device's group (usually dialout), as the packaged unit does"
         ),
-        _ if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
-            || e.kind() == io::ErrorKind::WouldBlock =>
-        {
-            format!(
-                "serial device {p} is in use by another program: find it with `fuser -v {p}` (often a serial console getty or ModemManager) and stop it"
-            )
-        }
-        _ => format!("cannot open serial device {p}: {e}"),
+        DevicePath::NotADevice(what) => format!(
+            "{p} is {what}, not a serial device: set [serial] device to the board's serial port (e.g. /dev/serial0, /dev/ttyUSB0 or a /dev/serial/by-path/ name)"
+        ),
+        DevicePath::NotATty => format!(
+            "{p} is a device but not a serial port (a terminal): set [serial] device to the board's serial port (e.g. /dev/serial0, /dev/ttyUSB0)"
+        ),
+        DevicePath::Busy => in_use(path),
+        // It opens for us now, yet serialport could not: its exclusive lock was taken (flock)
+        // by another program, or the device was busy a moment ago.
+        DevicePath::Tty if e.kind() == io::ErrorKind::NotFound => in_use(path),
+        DevicePath::Tty | DevicePath::Other(_) => format!("cannot open serial device {p}: {e}"),
     }
+}
+
+fn in_use(path: &Path) -> String {
+    let p = path.display();
+    format!(
+        "serial device {p} is in use by another program: find it with `fuser -v {p}` (often a serial console getty, ModemManager, or another esp-bridge) and stop it"
+    )
 }
 
 /// A warning when `device` (as configured) resolves to `target`, the Raspberry Pi 5's debug
@@ -112,10 +206,10 @@ impl SerialDevice {
         // Bytes that arrived while no client had the port open are stale: a real UART that
         // nobody holds open drops them, and a client expects to see only what comes now.
         port.clear(serialport::ClearBuffer::Input).map_err(to_io)?;
-        let drainer = port.try_clone_native().map_err(to_io)?;
         let raw = port.try_clone_native().map_err(to_io)?.into_raw_fd();
         // SAFETY: `into_raw_fd` hands over an open fd that nothing else owns or closes.
         let io = unsafe { OwnedFd::from_raw_fd(raw) };
+        let aux = rustix::io::dup(&io)?;
         // Shared by every duplicate (one open file description); tcdrain and the ioctls are
         // unaffected by it.
         let flags = rustix::fs::fcntl_getfl(&io)?;
@@ -124,7 +218,8 @@ impl SerialDevice {
             port,
             io: watch(io, Interest::READABLE)?,
             write_waiter: None,
-            drainer: Arc::new(Mutex::new(drainer)),
+            aux: Arc::new(aux),
+            baud: s.baud,
         })
     }
 }
@@ -163,7 +258,9 @@ fn flow(f: FlowControl) -> serialport::FlowControl {
 
 impl Uart for SerialDevice {
     fn set_baud(&mut self, baud: u32) -> io::Result<()> {
-        self.port.set_baud_rate(baud).map_err(to_io)
+        self.port.set_baud_rate(baud).map_err(to_io)?;
+        self.baud = baud;
+        Ok(())
     }
     fn set_data_bits(&mut self, bits: u8) -> io::Result<()> {
         self.port.set_data_bits(data_bits(bits)).map_err(to_io)
@@ -194,18 +291,21 @@ impl Uart for SerialDevice {
         self.port.clear(which).map_err(to_io)
     }
     fn drain(&mut self) -> Drain {
-        let drainer = Arc::clone(&self.drainer);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let mut port = drainer
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // TTYPort's flush is tcdrain(): it returns when the output queue is empty.
-                port.flush()
-            })
-            .await
-            .map_err(io::Error::other)?
-        })
+        let aux = Arc::clone(&self.aux);
+        let queued = self.port.bytes_to_write().map_or(4096, |n| n as usize);
+        let within = drain_budget(queued, self.baud);
+        let waiting = Arc::clone(&aux);
+        Box::pin(bounded_drain(
+            move || Ok(rustix::termios::tcdrain(&*waiting)?),
+            within,
+            // Discarding the queue also ends the tcdrain still waiting for it.
+            move || {
+                Ok(rustix::termios::tcflush(
+                    &*aux,
+                    rustix::termios::QueueSelector::OFlush,
+                )?)
+            },
+        ))
     }
     fn modem_status(&mut self) -> io::Result<ModemStatus> {
         use crate::protocol::rfc2217::modem;
@@ -223,6 +323,26 @@ impl Uart for SerialDevice {
             bits |= modem::CTS;
         }
         Ok(bits)
+    }
+}
+
+/// Runs the blocking `drain` on the blocking pool for at most `within`; past that, `discard`
+/// empties the queue (which also lets the blocked call return) and the drain counts as
+/// [`Drained::Discarded`].
+async fn bounded_drain(
+    drain: impl FnOnce() -> io::Result<()> + Send + 'static,
+    within: Duration,
+    discard: impl FnOnce() -> io::Result<()>,
+) -> io::Result<Drained> {
+    match tokio::time::timeout(within, tokio::task::spawn_blocking(drain)).await {
+        Ok(joined) => {
+            joined.map_err(io::Error::other)??;
+            Ok(Drained::Done)
+        }
+        Err(_) => {
+            discard()?;
+            Ok(Drained::Discarded)
+        }
     }
 }
 
@@ -304,6 +424,47 @@ impl AsyncWrite for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_drain_that_does_not_finish_in_time_discards_the_output() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let released = Arc::new(AtomicBool::new(false));
+        let (hung, flushed) = (Arc::clone(&released), Arc::clone(&released));
+        let started = std::time::Instant::now();
+        let outcome = bounded_drain(
+            // A tcdrain that only returns once the queue is flushed (CTS low, XOFF).
+            move || {
+                while !hung.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            },
+            Duration::from_millis(200),
+            move || {
+                flushed.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, Drained::Discarded);
+        assert!(released.load(Ordering::SeqCst), "the queue was flushed");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let done = bounded_drain(|| Ok(()), Duration::from_secs(5), || Ok(())).await;
+        assert_eq!(done.unwrap(), Drained::Done);
+    }
+
+    #[test]
+    fn the_drain_budget_is_twice_the_wire_time_plus_a_second() {
+        assert_eq!(
+            drain_budget(0, 115_200),
+            Duration::from_secs(1) + Duration::from_micros(11_111)
+        );
+        // 4 KiB at 300 baud: 137 s on the wire; the budget covers it twice.
+        assert!(drain_budget(4096, 300) > Duration::from_secs(274));
+        // No overflow on absurd inputs.
+        assert!(drain_budget(usize::MAX, 1) > Duration::from_secs(1));
+    }
 
     #[test]
     fn the_pi_5_debug_uart_is_named_with_the_fix() {

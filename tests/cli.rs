@@ -45,11 +45,75 @@ fn usage_errors_exit_64() {
 }
 
 #[test]
-fn shipped_config_checks_ok() {
+fn check_config_prints_every_key_in_the_files_spelling() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/esp-bridge.toml");
-    let o = bridge(["check-config", "--config", shipped]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("/dev/serial0 at 115200 baud"));
+    let o = bridge(["check-config", "--config", shipped, "--control", "none"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for line in [
+        "device = \"/dev/serial0\"",
+        "baud = 115200",
+        "parity = \"none\"",
+        "flow_control = \"none\"",
+        "raw_listen = [\"0.0.0.0:2218\"]",
+        "second_client = \"refuse\"",
+        "idle_exit_secs = 0",
+        "backend = \"none\"",
+        "mode = \"esp\"",
+        "after_disconnect = \"run\"",
+        "drive = \"open-drain\"",
+    ] {
+        assert!(t.contains(line), "{line}: {t}");
+    }
+    // Rust's spelling never shows.
+    for word in ["None", "Refuse", "Esp", "OpenDrain"] {
+        assert!(!t.contains(word), "{word}: {t}");
+    }
+}
+
+/// check-config fails exactly where the service would, with the same message.
+#[test]
+fn check_config_exits_78_where_the_service_would() {
+    let dir = temp_dir("system");
+    let regular = write_config(&dir, "not-a-tty", "");
+    let cases = [
+        // The shipped GPIO lines do not exist on this (non-Pi) machine.
+        (vec![], "\"GPIO22\" ([control.gpio] reset)"),
+        // A line by offset needs its chip.
+        (
+            vec!["[control.gpio]", "reset = 5"],
+            "needs chip = \"gpiochipN\"",
+        ),
+        // No address at all.
+        (
+            vec![
+                "[network]",
+                "listen = []",
+                "raw_listen = []",
+                "[control]",
+                "backend = \"none\"",
+            ],
+            "listen and raw_listen are both empty",
+        ),
+    ];
+    for (i, (lines, message)) in cases.iter().enumerate() {
+        let path = write_config(&dir, &format!("c{i}.toml"), &lines.join("\n"));
+        for cmd in [
+            &["check-config", "--config", &path][..],
+            &["--config", &path, "--device", "/dev/ttyESP-absent"][..],
+        ] {
+            let o = bridge(cmd);
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(78), "{cmd:?}: {t}");
+            assert!(t.contains(message), "{cmd:?}: {t}");
+        }
+    }
+    for device in [regular.as_str(), "/dev/null", "/tmp"] {
+        let o = bridge(["check-config", "--control", "none", "--device", device]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(78), "{device}: {t}");
+        assert!(t.contains("not a serial"), "{device}: {t}");
+    }
 }
 
 #[test]
@@ -125,11 +189,14 @@ fn flags_override_the_file() {
         "460800",
         "--listen",
         "127.0.0.1:3333",
+        "--control",
+        "none",
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("/dev/ttyUSB3 at 460800 baud"), "{t}");
-    assert!(t.contains("127.0.0.1:3333"), "{t}");
+    assert!(t.contains("device = \"/dev/ttyUSB3\""), "{t}");
+    assert!(t.contains("baud = 460800"), "{t}");
+    assert!(t.contains("listen = [\"127.0.0.1:3333\"]"), "{t}");
 }
 
 #[test]
@@ -138,9 +205,11 @@ fn listening_on_a_busy_port_fails_with_a_hint() {
     let addr = taken.local_addr().expect("addr").to_string();
     let o = bridge([
         "--device",
-        "/dev/null",
+        "/dev/ttyESP-absent",
         "--listen",
         &addr,
+        "--raw-listen",
+        "127.0.0.1:0",
         "--control",
         "none",
     ]);

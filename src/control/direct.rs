@@ -40,7 +40,11 @@ impl<D: LineDriver> Control for DirectControl<D> {
         })
     }
     fn release(&mut self) -> io::Result<()> {
-        self.set(Straps::RELEASED)
+        let released = self.set(Straps::RELEASED);
+        self.driver.rest();
+        // A resting driver may have let go of its device: drive afresh next time.
+        self.current = None;
+        released
     }
     fn describe(&self) -> String {
         format!(
@@ -72,7 +76,10 @@ impl<P: ModemPort> Control for DirectModem<P> {
         Ok(())
     }
     fn release(&mut self) -> io::Result<()> {
-        self.client_outputs(ModemOutputs::default())
+        let released = self.client_outputs(ModemOutputs::default());
+        self.port.rest();
+        self.last = None;
+        released
     }
     fn describe(&self) -> String {
         format!("direct DTR/RTS on {}", self.port.describe())

@@ -89,8 +89,20 @@ fn explain(e: &gpiocdev::Error, chip: &std::path::Path, lines: &str) -> String {
 }
 
 impl GpioLines {
-    /// Finds and requests the two lines, driving both released.
-    pub fn open(cfg: &GpioConfig) -> Result<Self, String> {
+    /// Checks that the two lines exist on one chip and are free, as [`GpioLines::open`] would,
+    /// without requesting them; says where they are.
+    pub fn check(cfg: &GpioConfig) -> Result<String, String> {
+        let (reset, boot) = Self::locate_pair(cfg)?;
+        Ok(format!(
+            "{} lines {} (EN) and {} (IO0), free",
+            reset.chip.display(),
+            reset.name,
+            boot.name
+        ))
+    }
+
+    /// Finds the two lines: on one chip, distinct, not used by another program.
+    fn locate_pair(cfg: &GpioConfig) -> Result<(Located, Located), String> {
         let chip = cfg.chip.as_deref();
         let reset = locate(&cfg.reset, chip, "reset")?;
         let boot = locate(&cfg.boot, chip, "boot")?;
@@ -118,6 +130,12 @@ impl GpioLines {
                 ));
             }
         }
+        Ok((reset, boot))
+    }
+
+    /// Finds and requests the two lines, driving both released.
+    pub fn open(cfg: &GpioConfig) -> Result<Self, String> {
+        let (reset, boot) = Self::locate_pair(cfg)?;
         let mut builder = Request::builder();
         builder
             .on_chip(reset.chip.clone())

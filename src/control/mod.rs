@@ -47,6 +47,9 @@ impl Straps {
 pub trait LineDriver: Send {
     /// Drives both pins at once.
     fn drive(&mut self, straps: Straps) -> io::Result<()>;
+    /// The lines are released and nothing is pending: let go of the device until the next
+    /// [`LineDriver::drive`] (the modem lines close their tty; GPIO lines stay requested).
+    fn rest(&mut self) {}
     /// A short description for logs, e.g. "gpiochip0 lines 22 (EN), 10 (IO0)".
     fn describe(&self) -> String;
 }
@@ -54,6 +57,9 @@ pub trait LineDriver: Send {
 impl LineDriver for Box<dyn LineDriver> {
     fn drive(&mut self, straps: Straps) -> io::Result<()> {
         (**self).drive(straps)
+    }
+    fn rest(&mut self) {
+        (**self).rest()
     }
     fn describe(&self) -> String {
         (**self).describe()
@@ -114,7 +120,7 @@ pub fn from_config(c: &ControlConfig, device: &Path) -> Result<Box<dyn Control>,
         ControlBackend::None => return Ok(Box::new(NoControl)),
         ControlBackend::Gpio => Box::new(GpioLines::open(&c.gpio)?),
         ControlBackend::Modem => {
-            let port = TtyModem::open(device)?;
+            let port = TtyModem::new(device);
             if c.mode == ControlMode::Direct {
                 return Ok(Box::new(DirectModem::new(port)));
             }

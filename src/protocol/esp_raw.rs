@@ -132,6 +132,11 @@ impl EspRaw {
         }
     }
 
+    /// Whether the client opened like esptool.
+    pub fn is_esptool(&self) -> bool {
+        self.opening == Opening::Esptool
+    }
+
     /// Bytes from the client: passed on as data, after an [`Event::EnterBootloader`] when
     /// they open like esptool.
     pub fn from_client(&mut self, input: &[u8], events: &mut Vec<Event>) {

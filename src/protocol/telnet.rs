@@ -15,6 +15,10 @@ pub const WILL: u8 = 251;
 pub const SB: u8 = 250;
 /// Subnegotiation end.
 pub const SE: u8 = 240;
+/// No operation.
+pub const NOP: u8 = 241;
+/// `IAC NOP`: a command every telnet client ignores.
+pub const NOP_COMMAND: [u8; 2] = [IAC, NOP];
 
 pub const OPT_BINARY: u8 = 0;
 pub const OPT_ECHO: u8 = 1;

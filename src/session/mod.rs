@@ -17,6 +17,7 @@ mod port;
 pub use port::ComPort;
 
 use crate::control::Control;
+use crate::log_limit::limited;
 use crate::protocol::esp_raw::EspRaw;
 use crate::protocol::{Engine, Event, PortCommand};
 use crate::uart::{Drain, Uart};
@@ -40,6 +41,24 @@ const MODEM_POLL: Duration = Duration::from_millis(200);
 /// How long a closing session may take to hand its last bytes over (to the UART, then to
 /// the client) before it gives up on them.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long a client that closed its sending side (`socat -t 2 - TCP:... < file`) still gets
+/// the device's output. A client that closed altogether is noticed sooner on the RFC 2217
+/// port (a telnet NOP draws its reset); esptool on the raw port never half-closes.
+pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(3);
+/// How often a client whose input is not being read (the device does not take it) is
+/// checked for having gone: a reset, a keepalive timeout or a close is seen within this.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+/// Where a session is, for the bridge deciding about a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The client is connected both ways.
+    Serving,
+    /// The client closed its sending side; it gets the device's output for a little while.
+    HalfClosed,
+    /// The session is ending: its last bytes are handed over.
+    Finishing,
+}
 
 /// Why a session was asked to stop from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +67,17 @@ pub enum StopRequest {
     Shutdown,
     /// A new client replaced this one (second_client = "replace").
     Replaced,
+    /// A new client arrived after this one closed (or half-closed) its connection.
+    Yielded,
 }
 
 /// Why a session ended.
 #[derive(Debug)]
 pub enum EndReason {
     ClientClosed,
+    /// The client closed its sending side and took the device's output for
+    /// [`HALF_CLOSE_LINGER`].
+    HalfClosed,
     ClientError(io::Error),
     DeviceGone(io::Error),
     Stopped(StopRequest),
@@ -63,6 +87,11 @@ impl std::fmt::Display for EndReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EndReason::ClientClosed => write!(f, "client disconnected"),
+            EndReason::HalfClosed => write!(
+                f,
+                "client closed its sending side; it had the device's output for {} s more",
+                HALF_CLOSE_LINGER.as_secs()
+            ),
             // ETIMEDOUT on a socket with keepalive and a user timeout: the peer vanished
             // without closing (unplugged, Wi-Fi lost). Said plainly, as that is the usual case.
             EndReason::ClientError(e) if e.kind() == io::ErrorKind::TimedOut => write!(
@@ -73,6 +102,10 @@ impl std::fmt::Display for EndReason {
             EndReason::DeviceGone(e) => write!(f, "serial device failed or vanished: {e}"),
             EndReason::Stopped(StopRequest::Shutdown) => write!(f, "service shutting down"),
             EndReason::Stopped(StopRequest::Replaced) => write!(f, "replaced by a new client"),
+            EndReason::Stopped(StopRequest::Yielded) => write!(
+                f,
+                "client had closed its sending side; a new client arrived"
+            ),
         }
     }
 }
@@ -86,6 +119,8 @@ pub struct Report {
     pub duration: Duration,
     pub final_baud: u32,
     pub ignored_input: u64,
+    /// Times output to the device was discarded because flow control held it.
+    pub discarded: u64,
 }
 
 /// The control lines, shared between the server (which releases them at shutdown) and the
@@ -136,7 +171,13 @@ pub struct Session<U: Uart> {
     tx_dirty: bool,
     drain: Option<Drain>,
     modem_timer: tokio::time::Interval,
+    liveness: tokio::time::Interval,
     client_eof: bool,
+    /// Runs from the client's half-close; the session ends when it fires.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    phase: watch::Sender<Phase>,
+    /// Times a drain discarded output because flow control held it.
+    discarded: u64,
     to_device: u64,
     to_client: u64,
     ignored: u64,
@@ -146,9 +187,17 @@ pub struct Session<U: Uart> {
 }
 
 impl<U: Uart> Session<U> {
-    pub fn new(info: SessionInfo, tcp: TcpStream, port: ComPort<U>, framing: Framing) -> Self {
+    pub fn new(
+        info: SessionInfo,
+        tcp: TcpStream,
+        port: ComPort<U>,
+        framing: Framing,
+        phase: watch::Sender<Phase>,
+    ) -> Self {
         let mut modem_timer = tokio::time::interval(MODEM_POLL);
         modem_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Session {
             info,
             tcp,
@@ -163,7 +212,11 @@ impl<U: Uart> Session<U> {
             tx_dirty: false,
             drain: None,
             modem_timer,
+            liveness,
             client_eof: false,
+            linger: None,
+            phase,
+            discarded: 0,
             to_device: 0,
             to_client: 0,
             ignored: 0,
@@ -193,14 +246,17 @@ impl<U: Uart> Session<U> {
                 }
             }
         };
+        self.phase.send_replace(Phase::Finishing);
+        let final_baud = self.port.baud();
         self.finish(&reason).await;
         Report {
             reason,
             to_device: self.to_device,
             to_client: self.to_client,
             duration: started.elapsed(),
-            final_baud: self.port.baud(),
+            final_baud,
             ignored_input: self.ignored,
+            discarded: self.discarded,
         }
     }
 
@@ -212,7 +268,9 @@ impl<U: Uart> Session<U> {
         if let Framing::Rfc2217(engine) = &self.framing
             && engine.in_subnegotiation()
         {
-            tracing::warn!(
+            limited!(
+                warn,
+                "clients gone mid-subnegotiation",
                 session = self.info.id,
                 peer = %self.info.peer,
                 "client left in the middle of a subnegotiation (IAC SB without IAC SE): a broken or hostile client"
@@ -232,7 +290,7 @@ impl<U: Uart> Session<U> {
             EndReason::Stopped(StopRequest::Shutdown) => {
                 Some("\r\n[esp-bridge] service is shutting down; closing.\r\n".to_string())
             }
-            EndReason::Stopped(StopRequest::Replaced) => Some(
+            EndReason::Stopped(StopRequest::Replaced | StopRequest::Yielded) => Some(
                 "\r\n[esp-bridge] another client took over this port; closing.\r\n".to_string(),
             ),
             _ => None,
@@ -244,6 +302,13 @@ impl<U: Uart> Session<U> {
         }
         if !matches!(reason, EndReason::ClientClosed | EndReason::ClientError(_)) {
             let _ = tokio::time::timeout(LINGER, poll_fn(|cx| self.poll_flush_client(cx))).await;
+        }
+        if device_ok {
+            // What the client leaves behind on the port goes: BREAK, its flow control and
+            // line settings; what is still queued leaves first, bounded.
+            if self.port.restore().await {
+                self.discarded = self.discarded.saturating_add(1);
+            }
         }
     }
 
@@ -269,8 +334,19 @@ impl<U: Uart> Session<U> {
                 Err(e) => return Poll::Ready(e),
             }
             self.poll_modem(cx);
-            if self.client_eof && self.inbound.is_empty() {
-                return Poll::Ready(EndReason::ClientClosed);
+            if let Err(e) = self.poll_liveness(cx) {
+                return Poll::Ready(e);
+            }
+            if self.client_eof {
+                if !self.may_half_close() && self.inbound.is_empty() {
+                    return Poll::Ready(EndReason::ClientClosed);
+                }
+                let linger = self
+                    .linger
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSE_LINGER)));
+                if linger.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(EndReason::HalfClosed);
+                }
             }
             if !progress {
                 return Poll::Pending;
@@ -326,11 +402,14 @@ impl<U: Uart> Session<U> {
         }
     }
 
+    /// Backpressure: the client is read only when its last input was applied and it keeps
+    /// up with what is sent to it.
+    fn reading_client(&self) -> bool {
+        !self.client_eof && self.inbound.is_empty() && self.out.len() - self.out_pos <= HIGH_WATER
+    }
+
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, EndReason> {
-        // Backpressure: read more only when the last input was applied and the client is
-        // keeping up with our replies.
-        if self.client_eof || !self.inbound.is_empty() || self.out.len() - self.out_pos > HIGH_WATER
-        {
+        if !self.reading_client() {
             return Ok(false);
         }
         let mut buf = ReadBuf::new(&mut self.net_buf);
@@ -338,7 +417,7 @@ impl<U: Uart> Session<U> {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len();
                 if n == 0 {
-                    self.client_eof = true;
+                    self.client_closed_sending();
                     return Ok(true);
                 }
                 match &mut self.framing {
@@ -430,8 +509,19 @@ impl<U: Uart> Session<U> {
                             Poll::Ready(result) => {
                                 self.drain = None;
                                 self.tx_dirty = false;
+                                if let Ok(crate::uart::Drained::Discarded) = result {
+                                    self.discarded = self.discarded.saturating_add(1);
+                                    limited!(
+                                        warn,
+                                        "discarded output",
+                                        session = self.info.id,
+                                        "the device did not take its output in time (flow control holding it: an XOFF from the device, CTS low?): discarded it before the next setting change"
+                                    );
+                                }
                                 if let Err(e) = result {
-                                    tracing::warn!(
+                                    limited!(
+                                        warn,
+                                        "failed drains",
                                         session = self.info.id,
                                         "waiting for the UART to send its queue failed: {e}"
                                     );
@@ -461,9 +551,12 @@ impl<U: Uart> Session<U> {
                 Event::Ignored(_) => {
                     if let Some(Event::Ignored(what)) = self.inbound.pop_front() {
                         self.ignored += 1;
-                        // The first few are worth a line each; a flood is summed up at the end.
+                        // The first few are worth a line each; a flood is summed up at the
+                        // end of the session, and across sessions by the rate limit.
                         if self.ignored <= 5 {
-                            tracing::warn!(
+                            limited!(
+                                warn,
+                                "ignored requests",
                                 session = self.info.id,
                                 peer = %self.info.peer,
                                 "ignored input from the client: {what}"
@@ -475,6 +568,65 @@ impl<U: Uart> Session<U> {
             }
         }
         Ok(progress)
+    }
+
+    /// Whether the client's end of stream may be a half-close worth lingering for: not for
+    /// esptool on the raw port, which only ever closes.
+    fn may_half_close(&self) -> bool {
+        !matches!(&self.framing, Framing::EspRaw(raw) if raw.is_esptool())
+    }
+
+    /// The client sent its end of stream.
+    fn client_closed_sending(&mut self) {
+        if self.client_eof {
+            return;
+        }
+        self.client_eof = true;
+        if self.may_half_close() {
+            self.phase.send_replace(Phase::HalfClosed);
+        }
+        if let Framing::Rfc2217(_) = self.framing {
+            // A telnet no-op: harmless to a client that only shut down its sending side, and
+            // answered with a reset by one that closed altogether, which ends the session at
+            // the next liveness check instead of after the linger.
+            self.out
+                .extend_from_slice(&crate::protocol::telnet::NOP_COMMAND);
+        }
+    }
+
+    /// While the client's socket is not read (its input waits for the device, or it has
+    /// half-closed), checks now and then that it is still there: a reset, a keepalive
+    /// timeout or an end of stream would otherwise go unseen for as long as the device
+    /// does not take the input. poll(2) tells them apart from data still queued in the
+    /// socket: POLLERR/POLLHUP for a reset or a timeout, POLLRDHUP for the client's FIN.
+    fn poll_liveness(&mut self, cx: &mut Context<'_>) -> Result<(), EndReason> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let reading = self.reading_client();
+        while self.liveness.poll_tick(cx).is_ready() {
+            if reading {
+                continue;
+            }
+            let mut fds = [PollFd::new(&self.tcp, PollFlags::RDHUP)];
+            let now = Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&now)).is_err() {
+                continue;
+            }
+            let seen = fds[0].revents();
+            if seen.intersects(PollFlags::ERR | PollFlags::HUP) {
+                let sock = socket2::SockRef::from(&self.tcp);
+                return Err(match sock.take_error() {
+                    Ok(Some(e)) => client_error(e),
+                    _ => EndReason::ClientClosed,
+                });
+            }
+            if seen.contains(PollFlags::RDHUP) {
+                self.client_closed_sending();
+            }
+        }
+        Ok(())
     }
 
     /// Applies one port command: the session's own (flow control towards the client, the

@@ -5,11 +5,55 @@
 
 use super::SharedControl;
 use crate::control::ModemOutputs;
+use crate::log_limit::limited;
 use crate::protocol::{ControlRequest, PortCommand, Reply, Request};
-use crate::settings::{FlowControl, LineSettings};
+use crate::settings::{
+    BAUD_MAX, BAUD_MIN, FlowControl, LineSettings, Parity, StopBits, baud_in_range,
+};
 use crate::status::StatusHandle;
-use crate::uart::Uart;
+use crate::uart::{Drained, Uart};
 use std::io;
+
+/// One line setting: where it is kept, how the UART applies it, and what it offers.
+struct Setting<U, T> {
+    name: &'static str,
+    offered: &'static str,
+    field: fn(&mut LineSettings) -> &mut T,
+    apply: fn(&mut U, T) -> io::Result<()>,
+}
+
+impl<U: Uart> Setting<U, u8> {
+    fn data_size() -> Self {
+        Setting {
+            name: "data size",
+            offered: "5 to 8 bits",
+            field: |s| &mut s.data_bits,
+            apply: |u, v| u.set_data_bits(v),
+        }
+    }
+}
+
+impl<U: Uart> Setting<U, Parity> {
+    fn parity() -> Self {
+        Setting {
+            name: "parity",
+            offered: "1 none, 2 odd, 3 even; no mark or space",
+            field: |s| &mut s.parity,
+            apply: |u, v| u.set_parity(v),
+        }
+    }
+}
+
+impl<U: Uart> Setting<U, StopBits> {
+    fn stop_size() -> Self {
+        Setting {
+            name: "stop size",
+            offered: "1 or 2 stop bits; no 1.5",
+            field: |s| &mut s.stop_bits,
+            apply: |u, v| u.set_stop_bits(v),
+        }
+    }
+}
 
 /// Baud rate changes per session logged at info level; the rest go to debug.
 const BAUD_CHANGES_LOGGED: u64 = 10;
@@ -17,6 +61,8 @@ const BAUD_CHANGES_LOGGED: u64 = 10;
 pub struct ComPort<U: Uart> {
     uart: U,
     settings: LineSettings,
+    /// The settings the session started with, which it leaves behind.
+    configured: LineSettings,
     break_on: bool,
     /// The client's view of its modem-control outputs.
     outputs: ModemOutputs,
@@ -47,6 +93,7 @@ impl<U: Uart> ComPort<U> {
         ComPort {
             uart,
             settings,
+            configured: settings,
             break_on: false,
             outputs: ModemOutputs::default(),
             control,
@@ -59,6 +106,25 @@ impl<U: Uart> ComPort<U> {
             gone: None,
             baud_changes: 0,
         }
+    }
+
+    /// Puts the port back as the client found it: BREAK off, what is queued sent (bounded),
+    /// the configured line settings and flow control. Returns whether queued output had to
+    /// be discarded (flow control held it).
+    pub async fn restore(&mut self) -> bool {
+        if self.break_on {
+            self.set_break(false);
+        }
+        let discarded = matches!(self.uart.drain().await, Ok(Drained::Discarded));
+        let c = self.configured;
+        self.set_flow(c.flow);
+        self.change_baud(c.baud, || {
+            format!("session over: back to the configured {} baud", c.baud)
+        });
+        self.line_setting(Request::Set(c.data_bits), Setting::data_size());
+        self.line_setting(Request::Set(c.parity), Setting::parity());
+        self.line_setting(Request::Set(c.stop_bits), Setting::stop_size());
+        discarded
     }
 
     /// The UART, for the session's reads, writes and drains.
@@ -80,7 +146,7 @@ impl<U: Uart> ComPort<U> {
     pub fn needs_drain(&self, cmd: &PortCommand) -> bool {
         let s = &self.settings;
         match *cmd {
-            PortCommand::BaudRate(Request::Set(b)) => b != s.baud,
+            PortCommand::BaudRate(Request::Set(b)) => b != s.baud && baud_in_range(b),
             PortCommand::DataSize(Request::Set(d)) => d != s.data_bits,
             PortCommand::Parity(Request::Set(p)) => p != s.parity,
             PortCommand::StopSize(Request::Set(v)) => v != s.stop_bits,
@@ -91,7 +157,7 @@ impl<U: Uart> ComPort<U> {
 
     /// Whether the raw port's baud switch changes the rate (and must wait for a drain).
     pub fn switch_needs_drain(&self, baud: u32) -> bool {
-        baud != self.settings.baud
+        baud != self.settings.baud && baud_in_range(baud)
     }
 
     /// Applies one command; returns the answer for the client, if it gets one.
@@ -107,9 +173,9 @@ impl<U: Uart> ComPort<U> {
                 return None;
             }
             PortCommand::BaudRate(r) => Reply::BaudRate(self.set_baud(r)),
-            PortCommand::DataSize(r) => Reply::DataSize(self.set_data_size(r)),
-            PortCommand::Parity(r) => Reply::Parity(self.set_parity(r)),
-            PortCommand::StopSize(r) => Reply::StopSize(self.set_stop_size(r)),
+            PortCommand::DataSize(r) => Reply::DataSize(self.line_setting(r, Setting::data_size())),
+            PortCommand::Parity(r) => Reply::Parity(self.line_setting(r, Setting::parity())),
+            PortCommand::StopSize(r) => Reply::StopSize(self.line_setting(r, Setting::stop_size())),
             PortCommand::Control(c) => self.control(c),
             PortCommand::PollLineState => Reply::LineState(0),
             PortCommand::PollModemState => return self.modem_state(true),
@@ -127,7 +193,9 @@ impl<U: Uart> ComPort<U> {
                 Reply::Purged(which)
             }
             PortCommand::Purge(Err(other)) => {
-                tracing::warn!(
+                limited!(
+                    warn,
+                    "unsupported settings asked for by clients",
                     session = self.session,
                     "client asked to purge buffer {other}; only 1 (rx), 2 (tx) and 3 (both) exist"
                 );
@@ -155,6 +223,16 @@ impl<U: Uart> ComPort<U> {
         if baud == self.settings.baud {
             return;
         }
+        if !baud_in_range(baud) {
+            limited!(
+                warn,
+                "baud rates out of range",
+                session = self.session,
+                "client asked for {baud} baud, outside {BAUD_MIN} to {BAUD_MAX}: the UART stays at {}",
+                self.settings.baud
+            );
+            return;
+        }
         match self.uart.set_baud(baud) {
             Ok(()) => {
                 self.log_baud_change(baud, what());
@@ -179,9 +257,11 @@ impl<U: Uart> ComPort<U> {
         self.baud_changes += 1;
         let id = self.session;
         if self.baud_changes <= BAUD_CHANGES_LOGGED {
-            tracing::info!(session = id, baud, "{what}");
+            limited!(info, "baud rate changes", session = id, baud, "{what}");
         } else if self.baud_changes == BAUD_CHANGES_LOGGED + 1 {
-            tracing::info!(
+            limited!(
+                info,
+                "baud rate changes",
                 session = id,
                 baud,
                 "{what}; further baud rate changes of this session are logged at debug level"
@@ -191,58 +271,27 @@ impl<U: Uart> ComPort<U> {
         }
     }
 
-    fn set_data_size(&mut self, r: Request<u8>) -> u8 {
+    /// Applies a requested line setting when it differs from the one in force; returns the
+    /// one in force, which is the answer.
+    fn line_setting<T: Copy + PartialEq>(&mut self, r: Request<T>, s: Setting<U, T>) -> T {
         match r {
-            Request::Set(bits) if bits != self.settings.data_bits => {
-                match self.uart.set_data_bits(bits) {
-                    Ok(()) => self.settings.data_bits = bits,
-                    Err(e) => self.failed("the device refused the data size", e),
+            Request::Set(v) if v != *(s.field)(&mut self.settings) => {
+                match (s.apply)(&mut self.uart, v) {
+                    Ok(()) => *(s.field)(&mut self.settings) = v,
+                    Err(e) => self.failed(&format!("the device refused the {}", s.name), e),
                 }
             }
-            Request::Unsupported(bits) => tracing::warn!(
+            Request::Unsupported(v) => limited!(
+                warn,
+                "unsupported settings asked for by clients",
                 session = self.session,
-                "client asked for {bits} data bits; only 5 to 8 exist"
+                "client asked for {} {v}, which Linux UARTs do not offer ({})",
+                s.name,
+                s.offered
             ),
             _ => {}
         }
-        self.settings.data_bits
-    }
-
-    fn set_parity(&mut self, r: Request<crate::settings::Parity>) -> crate::settings::Parity {
-        match r {
-            Request::Set(parity) if parity != self.settings.parity => {
-                match self.uart.set_parity(parity) {
-                    Ok(()) => self.settings.parity = parity,
-                    Err(e) => self.failed("the device refused the parity", e),
-                }
-            }
-            Request::Unsupported(p) => tracing::warn!(
-                session = self.session,
-                "client asked for parity {p} (mark/space or unknown), which Linux UARTs do not offer"
-            ),
-            _ => {}
-        }
-        self.settings.parity
-    }
-
-    fn set_stop_size(
-        &mut self,
-        r: Request<crate::settings::StopBits>,
-    ) -> crate::settings::StopBits {
-        match r {
-            Request::Set(stop) if stop != self.settings.stop_bits => {
-                match self.uart.set_stop_bits(stop) {
-                    Ok(()) => self.settings.stop_bits = stop,
-                    Err(e) => self.failed("the device refused the stop bits", e),
-                }
-            }
-            Request::Unsupported(3) => tracing::warn!(
-                session = self.session,
-                "client asked for 1.5 stop bits, which Linux UARTs do not offer"
-            ),
-            _ => {}
-        }
-        self.settings.stop_bits
+        *(s.field)(&mut self.settings)
     }
 
     fn control(&mut self, c: ControlRequest) -> Reply {
@@ -282,7 +331,9 @@ impl<U: Uart> ComPort<U> {
     }
 
     fn unsupported_control(&self, value: u8) {
-        tracing::warn!(
+        limited!(
+            warn,
+            "unsupported settings asked for by clients",
             session = self.session,
             "client asked for SET-CONTROL {value}, which this server does not support; answering with the current flow control"
         );
@@ -318,7 +369,9 @@ impl<U: Uart> ComPort<U> {
             // The client's view is acknowledged even when nothing physical changed: what the
             // pins do is the control policy's business.
             Ok(()) => self.outputs = wanted,
-            Err(e) => tracing::error!(
+            Err(e) => limited!(
+                error,
+                "failed line changes",
                 session = self.session,
                 "driving the control lines failed: {e}"
             ),
@@ -333,11 +386,18 @@ impl<U: Uart> ComPort<U> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .enter_bootloader();
         match result {
-            Ok(()) => tracing::info!(
+            Ok(()) => limited!(
+                info,
+                "bootloader entries",
                 session = self.session,
                 "raw port: esptool is syncing; putting the chip into its bootloader"
             ),
-            Err(e) => tracing::warn!(session = self.session, "raw port: {e}"),
+            Err(e) => limited!(
+                warn,
+                "failed bootloader entries",
+                session = self.session,
+                "raw port: {e}"
+            ),
         }
     }
 
@@ -376,7 +436,12 @@ impl<U: Uart> ComPort<U> {
 
     /// Logs a device failure; remembers it when the device will not work again.
     pub fn failed(&mut self, what: &str, e: io::Error) {
-        tracing::warn!(session = self.session, "{what}: {e}");
+        limited!(
+            warn,
+            "device failures",
+            session = self.session,
+            "{what}: {e}"
+        );
         if is_gone(&e) {
             self.gone = Some(e);
         }
@@ -389,4 +454,162 @@ fn is_gone(e: &io::Error) -> bool {
         || code == rustix::io::Errno::NODEV.raw_os_error()
         || code == rustix::io::Errno::NXIO.raw_os_error()
         || code == rustix::io::Errno::BADF.raw_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::NoControl;
+    use crate::status::{Activity, BoardStatus, StatusBook};
+    use crate::uart::{Drain, ModemStatus};
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A UART that records what is asked of it: a pty cannot show BREAK, so this seam can.
+    #[derive(Default)]
+    struct Recording(Arc<Mutex<Vec<String>>>);
+
+    impl Recording {
+        fn note(&self, what: String) -> io::Result<()> {
+            self.0.lock().unwrap().push(what);
+            Ok(())
+        }
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Uart for Recording {
+        fn set_baud(&mut self, baud: u32) -> io::Result<()> {
+            self.note(format!("baud {baud}"))
+        }
+        fn set_data_bits(&mut self, bits: u8) -> io::Result<()> {
+            self.note(format!("data bits {bits}"))
+        }
+        fn set_parity(&mut self, parity: Parity) -> io::Result<()> {
+            self.note(format!("parity {parity}"))
+        }
+        fn set_stop_bits(&mut self, bits: StopBits) -> io::Result<()> {
+            self.note(format!("stop bits {}", bits.count()))
+        }
+        fn set_flow(&mut self, flow: FlowControl) -> io::Result<()> {
+            self.note(format!("flow {flow}"))
+        }
+        fn set_break(&mut self, on: bool) -> io::Result<()> {
+            self.note(format!("break {on}"))
+        }
+        fn purge(&mut self, input: bool, output: bool) -> io::Result<()> {
+            self.note(format!("purge {input} {output}"))
+        }
+        fn drain(&mut self) -> Drain {
+            let _ = self.note("drain".into());
+            Box::pin(std::future::ready(Ok(Drained::Done)))
+        }
+        fn modem_status(&mut self) -> io::Result<ModemStatus> {
+            Err(io::Error::other("none"))
+        }
+    }
+
+    fn port(uart: Recording) -> ComPort<Recording> {
+        let configured = LineSettings {
+            baud: 115_200,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: StopBits::One,
+            flow: FlowControl::None,
+        };
+        let status = StatusBook::new().add(BoardStatus {
+            name: "test".into(),
+            listening: vec![],
+            activity: Activity::Idle,
+        });
+        ComPort::new(
+            uart,
+            configured,
+            Arc::new(Mutex::new(Box::new(NoControl))),
+            1,
+            "test".into(),
+            status,
+        )
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_session_ends_with_break_off_and_the_configured_settings_back() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut p = port(Recording(Arc::clone(&calls)));
+        p.apply(PortCommand::Control(ControlRequest::Break(true)));
+        p.apply(PortCommand::Control(ControlRequest::SetFlow(
+            FlowControl::Hardware,
+        )));
+        p.apply(PortCommand::BaudRate(Request::Set(921_600)));
+        p.apply(PortCommand::DataSize(Request::Set(7)));
+        p.apply(PortCommand::Parity(Request::Set(Parity::Even)));
+        p.apply(PortCommand::StopSize(Request::Set(StopBits::Two)));
+        calls.lock().unwrap().clear();
+        assert!(!p.restore().await, "nothing was discarded");
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "break false",
+                "drain",
+                "flow none",
+                "baud 115200",
+                "data bits 8",
+                "parity none",
+                "stop bits 1"
+            ]
+        );
+        // A port left as configured is not touched again.
+        calls.lock().unwrap().clear();
+        p.restore().await;
+        assert_eq!(*calls.lock().unwrap(), ["drain"]);
+    }
+
+    #[test]
+    fn rates_outside_the_range_are_never_set_and_the_reply_says_the_rate_in_force() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut p = port(Recording(Arc::clone(&calls)));
+        for absurd in [1, 49, 20_000_001, u32::MAX] {
+            assert_eq!(
+                p.apply(PortCommand::BaudRate(Request::Set(absurd))),
+                Some(Reply::BaudRate(115_200))
+            );
+            assert!(!p.needs_drain(&PortCommand::BaudRate(Request::Set(absurd))));
+            p.switch_baud(absurd);
+        }
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "{:?}",
+            calls.lock().unwrap()
+        );
+        assert_eq!(
+            p.apply(PortCommand::BaudRate(Request::Set(50))),
+            Some(Reply::BaudRate(50))
+        );
+    }
 }

@@ -105,7 +105,8 @@ def main(argv):
         # An empty configuration: built-in defaults, whatever /etc/esp-bridge.toml says here.
         proc = subprocess.Popen(
             command
-            + ["--config", config.name, "--device", device, "--listen", f"127.0.0.1:{port}", "--control", "none"],
+            + ["--config", config.name, "--device", device, "--listen", f"127.0.0.1:{port}",
+               "--raw-listen", "127.0.0.1:0", "--control", "none"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -145,6 +145,8 @@ EXPECTED_FILES = {
     # path: (mode, source in the repository or None)
     "usr/bin/esp-bridge": (0o755, None),
     "etc/esp-bridge.toml": (0o644, "config/esp-bridge.toml"),
+    "usr/share/doc/esp-bridge/esp-bridge.toml": (0o644, "config/esp-bridge.toml"),
+    "usr/lib/systemd/system-generators/esp-bridge-generator": (0o755, "packaging/esp-bridge-generator"),
     "usr/lib/systemd/system/esp-bridge.service": (0o644, "packaging/esp-bridge.service"),
     "usr/lib/systemd/system/esp-bridge.socket": (0o644, "packaging/esp-bridge.socket"),
     "usr/share/man/man1/esp-bridge.1.gz": (0o644, None),
@@ -195,10 +197,17 @@ def test_units_socket_started_service_only_by_it(amd64_files):
     assert not re.search(r"^\[Install\]", service, re.M), "the service must be started by the socket only"
     assert re.search(r"^\[Install\]\nWantedBy=sockets.target$", socket_unit, re.M)
     assert re.search(r"^ExecStart=/usr/bin/esp-bridge$", service, re.M)
+    assert re.search(r"^MemoryMax=\d+M$", service, re.M)
+    # The anchor holds the control socket; the boards' ports come from the generator.
+    assert re.search(r"^ListenStream=/run/esp-bridge/control.sock\nFileDescriptorName=control$", socket_unit, re.M)
+    generator = amd64_files["usr/lib/systemd/system-generators/esp-bridge-generator"][3].decode()
+    assert 'exec /usr/bin/esp-bridge generate-units "$@"' in generator
     postinst = control_file("amd64", "postinst").decode()
     assert "#DEBHELPER#" not in postinst
     assert "deb-systemd-helper enable esp-bridge.socket" in postinst
-    assert "deb-systemd-invoke start esp-bridge.socket" in postinst
+    # daemon-reload (the generator) before the sockets restart.
+    reload_at = postinst.index("systemctl daemon-reload")
+    assert reload_at < postinst.index("deb-systemd-invoke restart esp-bridge.socket")
     # Nothing starts the service itself; an upgrade only try-restarts what is running.
     for line in postinst.splitlines():
         if "esp-bridge.service" in line and "deb-systemd-invoke" in line:
@@ -371,3 +380,16 @@ def test_purge_removes_the_state_unless_a_revert_failed(tmp_path):
     assert s.state.exists()
     s.run("postrm", "purge")
     assert not s.state.exists()
+
+
+def test_every_path_the_binary_points_to_is_in_the_package(amd64_files):
+    """Hints in error messages name files (the example configuration, the control socket's
+    unit...): each packaged path the binary mentions must be in the package."""
+    binary = amd64_files["usr/bin/esp-bridge"][3]
+    # (std's own /usr/lib/debug/.build-id lookup is not a hint.)
+    mentioned = {m for m in re.findall(rb"/usr/(?:share|lib)/[A-Za-z0-9_./-]+", binary)
+                 if not m.startswith(b"/usr/lib/debug/")}
+    assert mentioned, "no packaged paths found in the binary"
+    packaged = {"/" + p for p in amd64_files}
+    missing = sorted(m.decode() for m in mentioned if m.decode().rstrip(".") not in packaged)
+    assert not missing, missing

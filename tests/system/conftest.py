@@ -173,7 +173,8 @@ def bridge_on(device):
         port = free_port()
         path = device_path or device.path
         b = Bridge(
-            ["--device", str(path), "--listen", f"127.0.0.1:{port}", "--control", "none", *extra],
+            ["--device", str(path), "--listen", f"127.0.0.1:{port}", "--raw-listen", "127.0.0.1:0",
+             "--control", "none", *extra],
             port,
             env=env,
         )

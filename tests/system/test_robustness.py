@@ -9,6 +9,7 @@ import time
 import serial
 
 from conftest import Pty
+from test_pyserial import device_speed
 
 IAC, SB, SE, DO, WILL = 255, 250, 240, 253, 251
 COM_PORT = 44
@@ -117,13 +118,21 @@ def test_extreme_baud_rates(bridge_on, device):
     s.sendall(sb(1, struct.pack(">I", 0)))
     data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
     assert (101, struct.pack(">I", 115200)) in server_replies(data), "0 queries the rate"
-    s.sendall(sb(1, struct.pack(">I", 0xFFFFFFFF)))
-    data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
-    (value,) = [v for c, v in server_replies(data) if c == 101]
-    # Either the device took it, or it refused and the reply says what is still in force.
-    assert value in (struct.pack(">I", 0xFFFFFFFF), struct.pack(">I", 115200))
-    if value == struct.pack(">I", 115200):
-        bridge.log.wait_for("refused baud rate 4294967295")
+    # Outside 50..20000000 the UART keeps its rate, and the reply says the rate in force
+    # (RFC 2217 lets the server answer with its real value; pyserial then reports it).
+    for absurd in (1, 2, 49, 2**31, 0xFFFFFFFF, 20_000_001):
+        s.sendall(sb(1, struct.pack(">I", absurd)))
+        data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
+        (value,) = [v for c, v in server_replies(data) if c == 101]
+        assert value == struct.pack(">I", 115200), absurd
+        assert device_speed(device.master) == 115200, absurd
+    bridge.log.wait_for("client asked for 4294967295 baud, outside 50 to 20000000")
+    for edge in (50, 20_000_000, 115200):
+        s.sendall(sb(1, struct.pack(">I", edge)))
+        data = recv_until(s, lambda d: any(c == 101 for c, _ in server_replies(d)))
+        (value,) = [v for c, v in server_replies(data) if c == 101]
+        # The edges of the range are applied when the tty takes them (a pty takes any).
+        assert value == struct.pack(">I", edge), edge
     s.close()
     bridge.log.wait_for("client disconnected")
     pyserial_roundtrip(bridge, device)

@@ -39,7 +39,8 @@ def test_socket_activation_flash_through_the_passed_socket(tmp_path):
     unused = free_port()
     bridge = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=rfc2217",
-         str(BIN), "--device", str(link), "--control", "none", "--listen", f"127.0.0.1:{unused}"],
+         str(BIN), "--device", str(link), "--control", "none", "--listen", f"127.0.0.1:{unused}",
+         "--raw-listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
     log = LogReader(bridge.stderr)
@@ -68,21 +69,22 @@ def test_unknown_socket_name_is_a_config_error(tmp_path):
     port = free_port()
     bridge = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=mystery",
-         str(BIN), "--device", "/dev/null", "--control", "none"],
+         str(BIN), "--device", "/dev/ttyESP-absent", "--control", "none"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
     log = LogReader(bridge.stderr)
     wait_log(log, "Listening on")
     socket.create_connection(("127.0.0.1", port)).close()
     assert bridge.wait(10) == 78
-    assert 'named "mystery"' in log.text() and "FileDescriptorName=rfc2217" in log.text()
+    assert 'named "mystery"' in log.text() and "BOARD.rfc2217" in log.text(), log.text()
 
 
 def test_notify_ready_status_watchdog_stopping(tmp_path, device):
     notify = FakeNotify(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN), "--device", device.path, "--control", "none", "--listen", f"127.0.0.1:{port}"],
+        [str(BIN), "--device", device.path, "--control", "none", "--listen", f"127.0.0.1:{port}",
+         "--raw-listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         env={**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
     )
@@ -112,7 +114,8 @@ def test_missing_gpio_line_exits_78_naming_the_key(tmp_path):
     cfg = tmp_path / "gpio.toml"
     cfg.write_text('[control]\nbackend = "gpio"\n[control.gpio]\nreset = "GPIO99X"\n')
     r = subprocess.run(
-        [str(BIN), "--config", str(cfg), "--device", "/dev/null", "--listen", f"127.0.0.1:{free_port()}"],
+        [str(BIN), "--config", str(cfg), "--device", "/dev/ttyESP-absent", "--listen", f"127.0.0.1:{free_port()}",
+         "--raw-listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=10,
     )
     assert r.returncode == 78, r.stderr
@@ -123,7 +126,8 @@ def test_sighup_rereads_the_config_for_the_next_client(tmp_path, device):
     cfg = tmp_path / "c.toml"
     port = free_port()
     cfg.write_text(f'[serial]\ndevice = "{device.path}"\nbaud = 115200\n'
-                   f'[network]\nlisten = ["127.0.0.1:{port}"]\n')
+                   f'[network]\nlisten = ["127.0.0.1:{port}"]\nraw_listen = ["127.0.0.1:0"]\n'
+                   '[control]\nbackend = "none"\n')
     proc = subprocess.Popen([str(BIN), "--config", str(cfg)], stderr=subprocess.PIPE)
     log = LogReader(proc.stderr)
     try:
@@ -158,8 +162,8 @@ def test_idle_exit(tmp_path):
     port = free_port()
     start = time.monotonic()
     r = subprocess.run(
-        [str(BIN), "--config", str(cfg), "--device", "/dev/null", "--control", "none",
-         "--listen", f"127.0.0.1:{port}"],
+        [str(BIN), "--config", str(cfg), "--device", "/dev/ttyESP-absent", "--control", "none",
+         "--listen", f"127.0.0.1:{port}", "--raw-listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=20,
     )
     assert r.returncode == 0, r.stderr
@@ -179,18 +183,28 @@ def test_unit_security_exposure_at_most_1_5():
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd missing")
-def test_two_passed_sockets_raw_port_matched_by_port(tmp_path):
+def test_passed_sockets_are_told_apart_by_name_not_by_port(tmp_path):
+    """The generated socket units name their sockets BOARD.rfc2217 / BOARD.raw and the control
+    socket `control`; which protocol a socket speaks never depends on a config key. Here the
+    configuration says nothing of these ports (its raw_listen is another port altogether)."""
     sim, link = start_sim(tmp_path)
     rfc, raw = free_port(), free_port()
+    control = tmp_path / "control.sock"
     bridge = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{rfc}", "-l", f"127.0.0.1:{raw}",
+         "-l", str(control), "--fdname=default.rfc2217:default.raw:control",
          str(BIN), "--device", str(link), "--control", "none",
-         "--raw-listen", f"127.0.0.1:{raw}"],
+         "--raw-listen", f"127.0.0.1:{free_port()}"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
     log = LogReader(bridge.stderr)
     try:
         wait_log(log, "Listening on")
+        # The control socket starts the service (socket activation) and answers.
+        r = subprocess.run([str(BIN), "status", "--control-socket", str(control)],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("default\tidle: waiting for a client on"), r.stdout
         r = subprocess.run(
             [str(esptool_cmd(5)), "--port", f"socket://127.0.0.1:{raw}", "chip-id"],
             capture_output=True, text=True, timeout=120,
