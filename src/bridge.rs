@@ -7,7 +7,7 @@
 //! loops stop, the active session is told to finish (its input is handed to the UART, its
 //! client told why), and the lines reach their safe state before [`Bridge::run`] returns.
 
-use crate::config::{Config, SecondClient};
+use crate::config::{BoardConfig, Config, ControlBackend, Network, SecondClient};
 use crate::log_limit::limited;
 use crate::session::{
     ComPort, Framing, Phase, Report, Session, SessionInfo, SharedControl, StopRequest,
@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// How long a stopping session may take before the service exits anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,11 +64,18 @@ impl std::fmt::Display for PortKind {
     }
 }
 
+/// The span every log line of a board is in: the journal gets its `BOARD=` field from it
+/// (`journalctl -u esp-bridge BOARD=lab1`).
+pub fn board_span(name: &str) -> tracing::Span {
+    tracing::info_span!("board", board = %name)
+}
+
 /// A listening socket and the protocol it speaks.
 pub type Listener = (TcpListener, PortKind);
 
 /// One board, ready to serve.
 pub struct Bridge {
+    name: String,
     listeners: Vec<Listener>,
     control: SharedControl,
     status: StatusHandle,
@@ -83,20 +91,31 @@ impl Bridge {
     /// Adds the board to `book` (idle, listening on `listeners`).
     pub fn new(
         name: &str,
+        device: String,
         listeners: Vec<Listener>,
         control: SharedControl,
         book: &StatusBook,
     ) -> Self {
-        let status = book.add(BoardStatus {
-            name: name.to_string(),
-            listening: listening(&listeners),
-            activity: Activity::Idle,
-        });
+        let resets = control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .resets();
+        let status = book.add(BoardStatus::new(
+            name,
+            listening(&listeners),
+            device,
+            resets,
+        ));
         Bridge {
+            name: name.to_string(),
             listeners,
             control,
             status,
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Serves clients until `shutdown` says so; each client gets the configuration `config`
@@ -107,15 +126,19 @@ impl Bridge {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let Bridge {
+            name,
             listeners,
             control,
             status,
         } = self;
+        let mut served = Served::of(&name, &config.borrow_and_update());
         let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(4);
         let mut acceptors = Vec::new();
         for (listener, kind) in listeners {
             let tx = accepted_tx.clone();
-            acceptors.push(tokio::spawn(accept_loop(listener, kind, tx)));
+            acceptors.push(tokio::spawn(
+                accept_loop(listener, kind, tx).in_current_span(),
+            ));
         }
         drop(accepted_tx);
         let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
@@ -131,7 +154,7 @@ impl Bridge {
                 // The client on its way out yields the board; the newcomer is served as soon
                 // as it is gone (bounded by STOP_TIMEOUT).
                 end_session(&mut active, &control, StopRequest::Yielded).await;
-                let config = config.borrow_and_update().clone();
+                let config = served.latest(&mut config);
                 active = Some(start_session(
                     config,
                     newcomer,
@@ -147,7 +170,7 @@ impl Bridge {
                     if active.as_ref().is_some_and(|a| a.task.is_finished()) {
                         end_session(&mut active, &control, StopRequest::Shutdown).await;
                     }
-                    let config = config.borrow_and_update().clone();
+                    let config = served.latest(&mut config);
                     match (&active, &waiting) {
                         (None, _) => {
                             active = Some(start_session(config, newcomer, control.clone(), status.clone()));
@@ -163,7 +186,7 @@ impl Bridge {
                 }
                 () = timer::sleep_until(waiting.as_ref().map(|(_, at)| *at)) => {
                     if let Some((newcomer, _)) = waiting.take() {
-                        let config = config.borrow_and_update().clone();
+                        let config = served.latest(&mut config);
                         if let Some(started) = decide(&config, newcomer, &mut active, &control, &refusals).await {
                             active = Some(start_session(config, started, control.clone(), status.clone()));
                         }
@@ -175,7 +198,7 @@ impl Bridge {
                         active = None;
                         release(&control);
                         if let Some((newcomer, _)) = waiting.take() {
-                            let config = config.borrow_and_update().clone();
+                            let config = served.latest(&mut config);
                             active = Some(start_session(config, newcomer, control.clone(), status.clone()));
                         }
                     }
@@ -195,11 +218,52 @@ impl Bridge {
     }
 }
 
+/// What a session of this board is served with: the shared settings and the board's own, as
+/// the configuration says when the client arrives.
+#[derive(Clone)]
+struct Served {
+    network: Network,
+    board: BoardConfig,
+}
+
+impl Served {
+    fn of(name: &str, config: &Config) -> Served {
+        let board = config.board(name).cloned().unwrap_or_else(|| BoardConfig {
+            name: name.to_string(),
+            ..Config::default().boards.remove(0)
+        });
+        Served {
+            network: config.network.clone(),
+            board,
+        }
+    }
+
+    /// The latest configuration for this board: a reload applies from the next client. A
+    /// board the new file no longer has keeps what it had (its sockets go at the next
+    /// `esp-bridge apply`). The control lines are the ones opened at start, so their settings
+    /// stay, and so does the device of a board whose lines are that device's own DTR/RTS
+    /// (data on a new device with resets on the old one would be worse than either): those
+    /// change at a restart, as the reload's warning says.
+    fn latest(&mut self, config: &mut watch::Receiver<Config>) -> Served {
+        let config = config.borrow_and_update();
+        self.network = config.network.clone();
+        if let Some(board) = config.board(&self.board.name) {
+            let mut board = board.clone();
+            board.control = self.board.control.clone();
+            if board.control.backend == ControlBackend::Modem {
+                board.serial.device = self.board.serial.device.clone();
+            }
+            self.board = board;
+        }
+        self.clone()
+    }
+}
+
 /// A newcomer while a client is served, after its grace: refused, or (with
 /// `second_client = "replace"`) the current client is stopped and the newcomer returned to
 /// be served.
 async fn decide(
-    config: &Config,
+    config: &Served,
     newcomer: Accepted,
     active: &mut Option<Active>,
     control: &SharedControl,
@@ -216,10 +280,13 @@ async fn decide(
             let busy = current.peer;
             match Arc::clone(refusals).try_acquire_owned() {
                 Ok(permit) => {
-                    tokio::spawn(async move {
-                        refuse(stream, peer, busy).await;
-                        drop(permit);
-                    });
+                    tokio::spawn(
+                        async move {
+                            refuse(stream, peer, busy).await;
+                            drop(permit);
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Err(_) => refuse_silently(peer, busy),
             }
@@ -361,7 +428,7 @@ fn refuse_silently(peer: SocketAddr, busy_with: SocketAddr) {
 }
 
 fn start_session(
-    config: Config,
+    config: Served,
     accepted: Accepted,
     control: SharedControl,
     status: StatusHandle,
@@ -370,10 +437,13 @@ fn start_session(
     let peer = accepted.1;
     let (stop, stop_rx) = watch::channel(None);
     let (phase_tx, phase) = watch::channel(Phase::Serving);
-    let task = tokio::spawn(async move {
-        run_session(id, config, accepted, control, stop_rx, phase_tx, &status).await;
-        status.set(Activity::Idle);
-    });
+    let task = tokio::spawn(
+        async move {
+            run_session(id, config, accepted, control, stop_rx, phase_tx, &status).await;
+            status.set(Activity::Idle);
+        }
+        .in_current_span(),
+    );
     Active {
         id,
         peer,
@@ -385,14 +455,14 @@ fn start_session(
 
 async fn run_session(
     id: u64,
-    config: Config,
+    config: Served,
     (mut stream, peer, kind): Accepted,
     control: SharedControl,
     stop: watch::Receiver<Option<StopRequest>>,
     phase: watch::Sender<Phase>,
     status: &StatusHandle,
 ) {
-    if let Err(e) = tune_socket(&stream, config.network.keepalive()) {
+    if let Err(e) = tune_socket(&stream, config.network.keepalive) {
         limited!(
             warn,
             "failed socket options",
@@ -400,8 +470,8 @@ async fn run_session(
             "could not set TCP options for {peer}: {e}"
         );
     }
-    let settings = config.serial.line_settings();
-    let device = &config.serial.device;
+    let settings = config.board.serial.line_settings();
+    let device = &config.board.serial.device;
     let uart = match SerialDevice::open(device, &settings) {
         Ok(u) => u,
         Err(e) => {
@@ -432,6 +502,10 @@ async fn run_session(
     );
     status.set(Activity::Serving {
         peer,
+        port: match kind {
+            PortKind::Rfc2217 => "RFC 2217",
+            PortKind::EspRaw => "ESP raw",
+        },
         baud: settings.baud,
     });
     let info = SessionInfo {
@@ -481,5 +555,45 @@ fn log_report(id: u64, peer: SocketAddr, r: &Report) {
         _ => {
             limited!(info, "session ends", session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn config(backend: &str, device: &str, baud: u32) -> Config {
+        Config::parse(
+            &format!(
+                "[serial]\ndevice = \"{device}\"\nbaud = {baud}\n[control]\nbackend = \"{backend}\"\n"
+            ),
+            Path::new("test.toml"),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_reload_moves_a_gpio_board_to_its_new_device_but_not_a_modem_board() {
+        for (backend, kept) in [("gpio", false), ("modem", true)] {
+            let (tx, mut rx) = watch::channel(config(backend, "/dev/ttyUSB0", 115_200));
+            let mut served = Served::of("default", &rx.borrow_and_update());
+            tx.send_replace(config(backend, "/dev/ttyUSB1", 230_400));
+            let next = served.latest(&mut rx);
+            let want = if kept { "/dev/ttyUSB0" } else { "/dev/ttyUSB1" };
+            assert_eq!(next.board.serial.device, PathBuf::from(want), "{backend}");
+            assert_eq!(
+                next.board.serial.baud.0, 230_400,
+                "{backend}: the rate applies"
+            );
+        }
+        // Control settings stay those the lines were opened with.
+        let (tx, mut rx) = watch::channel(config("gpio", "/dev/ttyUSB0", 115_200));
+        let mut served = Served::of("default", &rx.borrow_and_update());
+        tx.send_replace(config("none", "/dev/ttyUSB0", 115_200));
+        assert_eq!(
+            served.latest(&mut rx).board.control.backend,
+            ControlBackend::Gpio
+        );
     }
 }

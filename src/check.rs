@@ -3,7 +3,7 @@
 //! prints the effective configuration in the file's own spelling, and fails where the service
 //! would.
 
-use crate::config::{Config, ControlBackend};
+use crate::config::{BoardConfig, Config, ControlBackend};
 use crate::control::{GpioLines, TtyModem};
 use crate::uart::DevicePath;
 
@@ -20,24 +20,63 @@ pub enum Finding {
 
 /// Everything knowable about `config` from the file and this system.
 pub fn findings(config: &Config) -> Vec<Finding> {
+    let many = config.boards.len() > 1;
     let mut out = Vec::new();
-    let n = &config.network;
-    if n.listen.is_empty() && n.raw_listen.is_empty() {
-        out.push(Finding::Error(
-            "[network] listen and raw_listen are both empty: clients could connect nowhere; give at least one address, e.g. listen = [\"0.0.0.0:2217\"]".into(),
-        ));
+    for board in &config.boards {
+        let named = |f: Finding| {
+            if !many {
+                return f;
+            }
+            let tag = |t: String| format!("board {}: {t}", board.name);
+            match f {
+                Finding::Ok(t) => Finding::Ok(tag(t)),
+                Finding::Note(t) => Finding::Note(tag(t)),
+                Finding::Error(t) => Finding::Error(tag(t)),
+            }
+        };
+        if board.listen.is_empty() && board.raw_listen.is_empty() {
+            out.push(named(Finding::Error(
+                "listen and raw_listen are both empty: clients could connect nowhere; give at least one address, e.g. listen = [\"0.0.0.0:2217\"]".into(),
+            )));
+        }
+        out.push(named(device_finding(board)));
+        if let Some(note) = unstable_name(&board.serial.device) {
+            out.push(named(Finding::Note(note)));
+        }
+        out.push(named(control_finding(board)));
     }
-    out.push(device_finding(config));
-    out.push(match config.control.backend {
+    // Two names for one device (a by-path link and the tty itself).
+    for (i, a) in config.boards.iter().enumerate() {
+        let Ok(real_a) = std::fs::canonicalize(&a.serial.device) else {
+            continue;
+        };
+        for b in &config.boards[..i] {
+            if std::fs::canonicalize(&b.serial.device).is_ok_and(|real_b| real_b == real_a) {
+                out.push(Finding::Error(format!(
+                    "boards {} and {} both use {} ({} and {} are the same device): each board has its own serial device",
+                    b.name,
+                    a.name,
+                    real_a.display(),
+                    b.serial.device.display(),
+                    a.serial.device.display()
+                )));
+            }
+        }
+    }
+    out
+}
+
+fn control_finding(board: &BoardConfig) -> Finding {
+    match board.control.backend {
         ControlBackend::None => Finding::Ok(
             "control lines: none (DTR/RTS acknowledged; reset the board by hand)".into(),
         ),
-        ControlBackend::Gpio => match GpioLines::check(&config.control.gpio) {
+        ControlBackend::Gpio => match GpioLines::check(&board.control.gpio) {
             Ok(where_) => Finding::Ok(format!("control lines: {where_}")),
             Err(e) => Finding::Error(e),
         },
         ControlBackend::Modem => {
-            let device = &config.serial.device;
+            let device = &board.serial.device;
             match DevicePath::inspect(device) {
                 DevicePath::Tty => match TtyModem::probe(device) {
                     Ok(()) => Finding::Ok(format!(
@@ -52,15 +91,54 @@ pub fn findings(config: &Config) -> Vec<Finding> {
                 )),
             }
         }
-    });
-    out
+    }
 }
 
-fn device_finding(config: &Config) -> Finding {
-    let device = &config.serial.device;
+/// A note when `device` is a kernel name that can move, naming the stable links to it this
+/// system has: ttyUSB0 and ttyACM0 are numbered in the order adapters appear, and the Pi's
+/// extra UARTs (ttyAMA1 and up) were numbered in the order they were enabled before 2023.
+fn unstable_name(device: &std::path::Path) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    if device.parent() != Some(std::path::Path::new("/dev")) {
+        return None;
+    }
+    let why = if name.starts_with("ttyUSB") || name.starts_with("ttyACM") {
+        "can change name when adapters are plugged in another order or the Pi reboots"
+    } else if name.starts_with("ttyAMA") && name != "ttyAMA0" {
+        "is numbered by the kernel, and older kernels and firmware numbered the extra UARTs in the order they were enabled"
+    } else {
+        return None;
+    };
+    let d = device.display();
+    let stable = crate::devices::stable_names(std::path::Path::new("/"), device);
+    Some(if !stable.is_empty() {
+        format!(
+            "{d} {why}; use a stable name for it: {}",
+            stable.join(" or ")
+        )
+    } else if name.starts_with("ttyAMA") {
+        format!(
+            "{d} {why}; name the UART by its controller instead: {}/uartN (N as in dtoverlay=uartN), a link esp-bridge's udev rule makes",
+            crate::pi_uarts::BY_UART_DIR
+        )
+    } else {
+        format!(
+            "{d} {why}; when it is plugged in, `esp-bridge devices` shows its stable names (/dev/serial/by-path/...)"
+        )
+    })
+}
+
+fn device_finding(board: &BoardConfig) -> Finding {
+    let device = &board.serial.device;
     let d = device.display();
     match DevicePath::inspect(device) {
         DevicePath::Tty => Finding::Ok(format!("serial device {d} is a serial port")),
+        DevicePath::Missing if crate::pi_uarts::by_uart_index(device).is_some() => {
+            Finding::Note(format!(
+                "serial device {d} does not exist right now: that UART is off, or the udev rule naming it has not run; \
+                 `sudo esp-bridge setup-pi` turns on the UARTs the boards use (then reboot); clients will be told so until it appears"
+            ))
+        }
         DevicePath::Missing => Finding::Note(format!(
             "serial device {d} does not exist right now; clients will be told so until it appears"
         )),
@@ -103,10 +181,7 @@ pub fn check_config(config: &Config, source: &crate::config::Source) -> crate::e
     };
     println!("configuration from {source}: {verdict}");
     println!("\n# The effective configuration: every key, as /etc/esp-bridge.toml spells it.");
-    match toml::to_string(config) {
-        Ok(text) => print!("{text}"),
-        Err(e) => println!("# (cannot show it: {e})"),
-    }
+    print!("{}", config.to_toml());
     println!("\n# On this system:");
     for f in &found {
         match f {

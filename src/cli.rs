@@ -67,6 +67,9 @@ enum Command {
     CheckConfig,
     /// Show what each board is doing, asking the running service (on the Pi)
     Status,
+    /// List the serial devices of this machine with their stable names, which board uses
+    /// each, and a ready [[board]] table for the others
+    Devices,
     /// Put an edited /etc/esp-bridge.toml into effect under systemd: regenerate the boards'
     /// socket units, restart the sockets and the service (as root)
     Apply,
@@ -77,12 +80,23 @@ enum Command {
         #[arg(value_name = "DIR", num_args = 1..=3, required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Print the device-tree controller ("uart3") of one of the SoC's ttys (esp-bridge's udev
+    /// rule runs this to make /dev/serial/by-uart/uartN)
+    #[command(hide = true)]
+    UartName {
+        /// The tty's kernel name (ttyAMA1)
+        tty: String,
+        /// Read /sys and /proc below DIR instead of / (tests)
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
     /// Serve a virtual ESP32 on this machine: no hardware needed
     Demo(crate::demo::DemoArgs),
     /// Run only the virtual ESP32, on a pseudo-terminal or a unix socket (for tests)
     Sim(esp_sim::SimArgs),
-    /// Make the Raspberry Pi's full UART on GPIO14/15 free for the board (config.txt, cmdline.txt,
-    /// hciuart); the package runs it on install and --revert on removal
+    /// Set the Raspberry Pi's UARTs up for the boards: free the full UART on GPIO14/15
+    /// (config.txt, cmdline.txt, hciuart) and turn on the extra UARTs the configuration names
+    /// as /dev/serial/by-uart/uartN; the package runs it on install and --revert on removal
     SetupPi(crate::setup_pi::SetupPiArgs),
 }
 
@@ -108,6 +122,9 @@ pub fn run() -> u8 {
         control: cli.options.control,
     };
     let command = cli.command.unwrap_or(Command::Serve);
+    if command.prints_a_report() {
+        restore_sigpipe();
+    }
     let prefix = match command {
         Command::SetupPi(_) => "esp-bridge setup-pi",
         _ => "esp-bridge",
@@ -133,6 +150,12 @@ pub fn run() -> u8 {
                 .as_deref()
                 .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
         ),
+        Command::Devices => load(&cli.options, &overrides).map(|(config, _)| {
+            print!(
+                "{}",
+                crate::devices::report(&config, std::path::Path::new("/"))
+            );
+        }),
         Command::Apply => {
             load(&cli.options, &overrides).and_then(|(config, _)| crate::units::apply(&config))
         }
@@ -145,7 +168,16 @@ pub fn run() -> u8 {
             ),
             None => Err(Error::usage("generate-units needs a directory")),
         },
-        Command::SetupPi(args) => crate::setup_pi::run(args),
+        Command::UartName { tty, root } => match crate::pi_uarts::controller_of(&root, &tty) {
+            Some(name) => {
+                println!("{name}");
+                Ok(())
+            }
+            None => Err(Error::failure(format!(
+                "{tty} is no UART of the device tree (no of_node, or no uartN label for it)"
+            ))),
+        },
+        Command::SetupPi(args) => crate::setup_pi::run(args, cli.options.config.as_deref()),
     };
     match result {
         Ok(()) => 0,
@@ -153,6 +185,27 @@ pub fn run() -> u8 {
             eprintln!("{prefix}: {e}");
             e.status().code()
         }
+    }
+}
+
+impl Command {
+    /// Commands whose output may go into a pipe that closes early (`| head`).
+    fn prints_a_report(&self) -> bool {
+        matches!(
+            self,
+            Command::CheckConfig | Command::Status | Command::Devices | Command::UartName { .. }
+        )
+    }
+}
+
+/// Lets SIGPIPE end the process, as it does for every other command-line tool, so that
+/// `esp-bridge check-config | head -1` stops quietly instead of failing to print. (The Rust
+/// runtime ignores SIGPIPE; the serving commands keep it so, for their sockets.)
+fn restore_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code, only the default action; it
+    // runs before this process starts any thread, so nothing observes the change midway.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

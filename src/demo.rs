@@ -13,6 +13,7 @@ use crate::config::{Config, ControlBackend, ControlMode, Overrides};
 use crate::control::{LineDriver, ModemLines, ModemPort, Straps};
 use crate::error::{Error, Result};
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,7 +38,15 @@ pub struct DemoArgs {
     /// How DTR/RTS are interpreted (see [control] mode in the config)
     #[arg(long, value_enum, default_value = "esp")]
     mode: DemoMode,
+    /// How many virtual ESP32s to serve, each on its own pair of ports (2217 and 2218, 2219
+    /// and 2220, ...; with --listen HOST:PORT, from PORT on); with more than one, the flash and
+    /// event-log files get the board's name
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=MAX_BOARDS))]
+    boards: u16,
 }
+
+/// The most virtual boards the demo serves (each is a thread and a pseudo-terminal).
+const MAX_BOARDS: i64 = 16;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Wiring {
@@ -108,80 +117,172 @@ impl ModemPort for SimAutoProgram {
     }
 }
 
-/// The default demo address: loopback only, since the demo is for trying things locally.
-const DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2217);
-const DEMO_RAW_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 2218);
+/// The default demo addresses: loopback only, since the demo is for trying things locally;
+/// board i (from 0) gets ports 2217 + 2i and 2218 + 2i.
+const DEMO_HOST: [u8; 4] = [127, 0, 0, 1];
+const DEMO_PORT: u16 = 2217;
 
 /// What to try, printed once the ports are bound.
-fn banner(device: &str, listeners: &[crate::bridge::Listener]) {
-    let url = |kind: PortKind, scheme: &str| {
-        listeners
-            .iter()
-            .filter(|(_, k)| *k == kind)
-            .find_map(|(l, _)| l.local_addr().ok())
-            .map(|a| format!("{scheme}://{a}"))
-            .unwrap_or_else(|| format!("(no {kind} port)"))
+/// A board as the banner shows it: name, device, and where it listens.
+type Shown = (String, String, Vec<(SocketAddr, PortKind)>);
+
+fn banner(boards: &[Shown]) {
+    let mut text = String::from("esp-bridge demo:\n");
+    let mut first = None;
+    for (name, device, addrs) in boards {
+        let url = |kind: PortKind, scheme: &str| {
+            addrs
+                .iter()
+                .find(|(_, k)| *k == kind)
+                .map(|(a, _)| format!("{scheme}://{a}"))
+                .unwrap_or_else(|| format!("(no {kind} port)"))
+        };
+        let (rfc, raw) = (
+            url(PortKind::Rfc2217, "rfc2217"),
+            url(PortKind::EspRaw, "socket"),
+        );
+        text.push_str(&format!(
+            "  virtual ESP32 {name} on {device}: {raw} (fast raw port, for flashing), {rfc} (RFC 2217, for monitors)\n"
+        ));
+        first.get_or_insert((raw, rfc));
+    }
+    if let Some((raw, rfc)) = first {
+        text.push_str(&format!(
+            "Try, in another terminal (pip install esptool):\n\
+             \x20 esptool --port {raw} flash-id\n\
+             \x20 esptool --port {raw} -b 921600 write-flash 0x10000 some.bin\n\
+             \x20 python -m serial.tools.miniterm {rfc} 115200\n"
+        ));
+    }
+    text.push_str("Ctrl-C stops.");
+    eprintln!("{text}");
+}
+
+/// A per-board file name: `events.jsonl` becomes `events-esp2.jsonl` when there are several.
+fn per_board(path: &Option<PathBuf>, name: &str, many: bool) -> Option<PathBuf> {
+    let path = path.as_ref()?;
+    if !many {
+        return Some(path.clone());
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("demo");
+    let file = match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{stem}-{name}.{ext}"),
+        None => format!("{stem}-{name}"),
     };
-    let (rfc, raw) = (
-        url(PortKind::Rfc2217, "rfc2217"),
-        url(PortKind::EspRaw, "socket"),
-    );
-    eprintln!(
-        "esp-bridge demo: a virtual ESP32 is on {device}, served at {raw} (fast raw port, for \
-         flashing) and {rfc} (RFC 2217, for monitors)\n\
-         Try, in another terminal (pip install esptool):\n\
-         \x20 esptool --port {raw} flash-id\n\
-         \x20 esptool --port {raw} -b 921600 write-flash 0x10000 some.bin\n\
-         \x20 python -m serial.tools.miniterm {rfc} 115200\n\
-         Ctrl-C stops."
-    );
+    Some(path.with_file_name(file))
 }
 
 pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
-    let sim = Esp32Sim::start(SimConfig {
-        pace: args.pace,
-        power_on: BootMode::App,
-        event_log: args.event_log,
-        flash_file: args.flash_file,
-        ..SimConfig::default()
-    })
-    .map_err(|e| Error::failure(format!("cannot start the virtual ESP32: {e}")))?;
+    let count = usize::from(args.boards);
+    let many = count > 1;
+    // With several boards, --listen gives the first port and the host; each board takes the
+    // next pair.
+    let (host, base) = match overrides.listen.first() {
+        Some(a) if many => (a.ip(), a.port()),
+        _ => (std::net::IpAddr::from(DEMO_HOST), DEMO_PORT),
+    };
     let mut config = Config::default();
-    config.network.listen = vec![SocketAddr::from(DEMO_LISTEN)];
-    config.network.raw_listen = vec![SocketAddr::from(DEMO_RAW_LISTEN)];
-    config.serial.device = sim.device_path().to_path_buf();
+    let template = config.boards.remove(0);
+    let mut sims = Vec::new();
+    let mut drivers = Vec::new();
+    for i in 0..count {
+        let name = if many {
+            format!("esp{}", i + 1)
+        } else {
+            template.name.clone()
+        };
+        let sim = Esp32Sim::start(SimConfig {
+            pace: args.pace,
+            power_on: BootMode::App,
+            event_log: per_board(&args.event_log, &name, many),
+            flash_file: per_board(&args.flash_file, &name, many),
+            ..SimConfig::default()
+        })
+        .map_err(|e| Error::failure(format!("cannot start the virtual ESP32 {name}: {e}")))?;
+        let port = |k: usize| {
+            u16::try_from(2 * i + k)
+                .ok()
+                .and_then(|o| base.checked_add(o))
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "--listen port {base} leaves no room for {count} boards"
+                    ))
+                })
+        };
+        let mut board = template.clone();
+        board.name = name;
+        board.serial.device = sim.device_path().to_path_buf();
+        board.listen = vec![SocketAddr::from((host, port(0)?))];
+        board.raw_listen = vec![SocketAddr::from((host, port(1)?))];
+        board.control.backend = match args.wiring {
+            Wiring::Gpio => ControlBackend::Gpio,
+            Wiring::Modem => ControlBackend::Modem,
+        };
+        board.control.mode = match args.mode {
+            DemoMode::Esp => ControlMode::Esp,
+            DemoMode::Direct => ControlMode::Direct,
+        };
+        let driver: Box<dyn LineDriver> = match args.wiring {
+            Wiring::Gpio => Box::new(SimLines(sim.pins())),
+            Wiring::Modem => Box::new(ModemLines::new(SimAutoProgram {
+                pins: sim.pins(),
+                generation: Arc::new(AtomicU64::new(0)),
+            })),
+        };
+        drivers.push((board.name.clone(), driver));
+        config.boards.push(board);
+        sims.push(sim);
+    }
+    // The devices and the control lines are the virtual chips'; the ports and the rate may
+    // be overridden (a single board's).
     let mut demo_overrides = overrides.clone();
-    // The device and the control lines are the virtual chip's; the rest may be overridden.
     demo_overrides.device = None;
     demo_overrides.control = None;
+    if many {
+        demo_overrides.listen.clear();
+        if !demo_overrides.raw_listen.is_empty() {
+            return Err(Error::usage(
+                "with --boards, --listen HOST:PORT gives the first port and each board takes the next two: leave out --raw-listen",
+            ));
+        }
+    }
     config.apply(&demo_overrides)?;
-    let driver: Box<dyn LineDriver> = match args.wiring {
-        Wiring::Gpio => Box::new(SimLines(sim.pins())),
-        Wiring::Modem => Box::new(ModemLines::new(SimAutoProgram {
-            pins: sim.pins(),
-            generation: Arc::new(AtomicU64::new(0)),
-        })),
-    };
-    config.control.backend = match args.wiring {
-        Wiring::Gpio => ControlBackend::Gpio,
-        Wiring::Modem => ControlBackend::Modem,
-    };
-    config.control.mode = match args.mode {
-        DemoMode::Esp => ControlMode::Esp,
-        DemoMode::Direct => ControlMode::Direct,
-    };
-    let device = sim.device_path().display().to_string();
     let served = crate::service::block_on(async {
         let signals = crate::service::install_signals()?;
-        let sockets = crate::service::Sockets {
-            boards: crate::service::listeners(&config).await?,
-            control: None,
-        };
+        // Sockets systemd passes (named BOARD.rfc2217 / BOARD.raw), or the demo's own.
+        let sockets = crate::service::sockets(&config, None).await?;
         // Said once the ports are bound, with the addresses they really have.
-        banner(&device, &sockets.boards);
-        let control = crate::control::policy_over(driver, &config.control);
-        crate::service::serve_with(config, sockets, control, signals, None).await
+        let shown: Vec<_> = config
+            .boards
+            .iter()
+            .map(|b| {
+                let listeners = sockets
+                    .boards
+                    .get(&b.name)
+                    .map(|ls| {
+                        ls.iter()
+                            .filter_map(|(l, k)| Some((l.local_addr().ok()?, *k)))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                (
+                    b.name.clone(),
+                    b.serial.device.display().to_string(),
+                    listeners,
+                )
+            })
+            .collect();
+        banner(&shown);
+        let mut controls = BTreeMap::new();
+        for (name, driver) in drivers {
+            if let Some(board) = config.board(&name) {
+                let control = crate::bridge::board_span(&name)
+                    .in_scope(|| crate::control::policy_over(driver, &board.control));
+                controls.insert(name, control);
+            }
+        }
+        crate::service::serve_with(config, sockets, controls, signals, None).await
     });
-    drop(sim);
+    drop(sims);
     served
 }

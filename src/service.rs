@@ -10,6 +10,8 @@ use crate::config::Config;
 use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::supervisor::{Reload, Signals, Supervisor};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// Runs `service` on the async runtime until it returns, then ends the runtime without
@@ -28,7 +30,7 @@ pub fn block_on(service: impl std::future::Future<Output = Result>) -> Result {
 
 /// Serves clients with `config` until SIGTERM/SIGINT; `reload` re-reads it on SIGHUP. Without
 /// systemd, `control_path` is where the control socket (`esp-bridge status`) is bound.
-pub fn run(config: Config, reload: Reload, control_path: Option<&std::path::Path>) -> Result {
+pub fn run(config: Config, reload: Reload, control_path: Option<&Path>) -> Result {
     block_on(async {
         let signals = install_signals()?;
         // What check-config would call an error stops the service before it serves: the same
@@ -36,11 +38,25 @@ pub fn run(config: Config, reload: Reload, control_path: Option<&std::path::Path
         if let Some(e) = crate::check::errors(&crate::check::findings(&config)) {
             return Err(Error::config(e));
         }
-        let control = crate::control::from_config(&config.control, &config.serial.device)
-            .map_err(Error::config)?;
+        let mut controls = BTreeMap::new();
+        for board in &config.boards {
+            let control = crate::bridge::board_span(&board.name)
+                .in_scope(|| crate::control::from_config(&board.control, &board.serial.device))
+                .map_err(|e| Error::config(in_board(&config, &board.name, e)))?;
+            controls.insert(board.name.clone(), control);
+        }
         let sockets = sockets(&config, control_path).await?;
-        serve_with(config, sockets, control, signals, Some(reload)).await
+        serve_with(config, sockets, controls, signals, Some(reload)).await
     })
+}
+
+/// A message about one board, prefixed with its name where there are several.
+fn in_board(config: &Config, board: &str, message: String) -> String {
+    if config.boards.len() > 1 {
+        format!("board {board}: {message}")
+    } else {
+        message
+    }
 }
 
 /// The signal handlers, first of all: a signal that arrives before them would end the process
@@ -52,74 +68,93 @@ pub fn install_signals() -> Result<Signals> {
 /// Where clients and the control socket connect: what systemd passed in, or the configured
 /// addresses bound here.
 pub struct Sockets {
-    pub boards: Vec<Listener>,
+    /// Each board's listeners, by board name.
+    pub boards: BTreeMap<String, Vec<Listener>>,
+    /// Listeners systemd passed in for boards the configuration does not have (stale units):
+    /// their clients are told so.
+    pub strays: Vec<(String, Listener)>,
     pub control: Option<tokio::net::UnixListener>,
 }
 
 /// The sockets systemd passed in, or the configured addresses bound here (and the control
 /// socket at `control_path`, if given).
-pub async fn sockets(config: &Config, control_path: Option<&std::path::Path>) -> Result<Sockets> {
-    if let Some(passed) = crate::systemd::passed_sockets().map_err(Error::config)? {
-        let mut boards = Vec::new();
-        for (board, kind, listener) in passed.boards {
-            if let Some(name) = board.as_deref()
-                && name != crate::units::DEFAULT_BOARD
-            {
-                return Err(Error::config(format!(
-                    "systemd passed a socket for board \"{name}\", which the configuration does not have: run `sudo esp-bridge apply` after editing /etc/esp-bridge.toml"
-                )));
-            }
-            let l = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| Error::failure(format!("cannot use the socket from systemd: {e}")))?;
-            if let Ok(a) = l.local_addr() {
-                tracing::info!(
-                    "listening on {a} for {kind} clients (socket passed by systemd; [network] listen is not used)"
-                );
-            }
-            boards.push((l, kind));
-        }
-        let control = passed
-            .control
-            .map(tokio::net::UnixListener::from_std)
-            .transpose()
-            .map_err(|e| {
-                Error::failure(format!("cannot use the control socket from systemd: {e}"))
-            })?;
-        return Ok(Sockets { boards, control });
-    }
-    let control = match control_path {
-        Some(path) => Some(crate::admin::bind(path)?),
-        None => None,
+pub async fn sockets(config: &Config, control_path: Option<&Path>) -> Result<Sockets> {
+    let Some(passed) = crate::systemd::passed_sockets().map_err(Error::config)? else {
+        let control = control_path.map(crate::admin::bind).transpose()?;
+        return Ok(Sockets {
+            boards: listeners(config).await?,
+            strays: Vec::new(),
+            control,
+        });
     };
+    let mut boards: BTreeMap<String, Vec<Listener>> = BTreeMap::new();
+    let mut strays = Vec::new();
+    for (board, kind, listener) in passed.boards {
+        let l = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| Error::failure(format!("cannot use the socket from systemd: {e}")))?;
+        // A socket without a board name belongs to the only board, if there is one.
+        let name = match (board, config.boards.as_slice()) {
+            (Some(name), _) => name,
+            (None, [only]) => only.name.clone(),
+            (None, _) => {
+                return Err(Error::config(
+                    "systemd passed a socket without a board name, but the configuration has several boards: name each socket BOARD.rfc2217 or BOARD.raw (`sudo esp-bridge apply` makes such units)",
+                ));
+            }
+        };
+        let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if config.board(&name).is_none() {
+            tracing::error!(
+                "systemd passed a socket on {addr} for board {name}, which /etc/esp-bridge.toml does not have: its clients are told so; run `sudo esp-bridge apply` after editing the file"
+            );
+            strays.push((name, (l, kind)));
+            continue;
+        }
+        tracing::info!(
+            "board {name}: listening on {addr} for {kind} clients (socket passed by systemd)"
+        );
+        boards.entry(name).or_default().push((l, kind));
+    }
+    for board in &config.boards {
+        if !boards.contains_key(&board.name) {
+            tracing::warn!(
+                "board {}: systemd passed no socket for it: run `sudo esp-bridge apply` after editing /etc/esp-bridge.toml",
+                board.name
+            );
+        }
+    }
+    let control = passed
+        .control
+        .map(tokio::net::UnixListener::from_std)
+        .transpose()
+        .map_err(|e| Error::failure(format!("cannot use the control socket from systemd: {e}")))?;
     Ok(Sockets {
-        boards: listeners(config).await?,
+        boards,
+        strays,
         control,
     })
 }
 
-/// The configured addresses, bound here.
-pub async fn listeners(config: &Config) -> Result<Vec<Listener>> {
-    let mut out = Vec::new();
-    let wanted = config
-        .network
-        .listen
-        .iter()
-        .map(|a| (a, PortKind::Rfc2217))
-        .chain(
-            config
-                .network
-                .raw_listen
-                .iter()
-                .map(|a| (a, PortKind::EspRaw)),
-        );
-    for (addr, kind) in wanted {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| listen_error(addr, &e))?;
-        if let Ok(a) = l.local_addr() {
-            tracing::info!("listening on {a} for {kind} clients");
+/// Every board's configured addresses, bound here.
+pub async fn listeners(config: &Config) -> Result<BTreeMap<String, Vec<Listener>>> {
+    let mut out = BTreeMap::new();
+    for board in &config.boards {
+        let mut bound = Vec::new();
+        let wanted = board
+            .listen
+            .iter()
+            .map(|a| (a, PortKind::Rfc2217))
+            .chain(board.raw_listen.iter().map(|a| (a, PortKind::EspRaw)));
+        for (addr, kind) in wanted {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| listen_error(addr, &e))?;
+            if let Ok(a) = l.local_addr() {
+                tracing::info!("board {}: listening on {a} for {kind} clients", board.name);
+            }
+            bound.push((l, kind));
         }
-        out.push((l, kind));
+        out.insert(board.name.clone(), bound);
     }
     Ok(out)
 }
@@ -141,26 +176,35 @@ fn listen_error(addr: &std::net::SocketAddr, e: &std::io::Error) -> Error {
     }
 }
 
-/// Takes the sockets systemd passed in, or binds the configured addresses, and serves until
-/// SIGTERM/SIGINT.
+/// Serves every board on its sockets until SIGTERM/SIGINT, each board's DTR/RTS going to its
+/// entry in `controls`.
 pub async fn serve_with(
     config: Config,
     sockets: Sockets,
-    control: Box<dyn Control>,
+    controls: BTreeMap<String, Box<dyn Control>>,
     signals: Signals,
     reload: Option<Reload>,
 ) -> Result {
-    tracing::info!("serial device {}", config.serial.device.display());
-    if let Ok(target) = std::fs::canonicalize(&config.serial.device)
-        && let Some(hint) = crate::uart::debug_uart_hint(&config.serial.device, &target)
-    {
-        tracing::warn!("{hint}");
+    for board in &config.boards {
+        let device = &board.serial.device;
+        tracing::info!("board {}: serial device {}", board.name, device.display());
+        if let Ok(target) = std::fs::canonicalize(device)
+            && let Some(hint) = crate::uart::debug_uart_hint(device, &target)
+        {
+            tracing::warn!("board {}: {hint}", board.name);
+        }
+        if let Some(control) = controls.get(&board.name) {
+            tracing::info!(
+                "board {}: control lines: {}",
+                board.name,
+                control.describe()
+            );
+        }
     }
-    tracing::info!("control lines: {}", control.describe());
     supervise(
         config,
         sockets,
-        control,
+        controls,
         signals,
         reload,
         std::future::pending(),
@@ -169,7 +213,7 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Serves one board from `config` on `listeners`, its DTR/RTS going to `control`, until
+/// Serves the only board of `config` on `listeners`, its DTR/RTS going to `control`, until
 /// `stop` completes: the service without signal handlers, sockets from systemd or a
 /// configuration file. The in-process tests start it on `127.0.0.1:0`.
 pub async fn serve(
@@ -178,29 +222,46 @@ pub async fn serve(
     control: Box<dyn Control>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let name = config
+        .boards
+        .first()
+        .map(|b| b.name.clone())
+        .unwrap_or_default();
     let sockets = Sockets {
-        boards: listeners,
+        boards: BTreeMap::from([(name.clone(), listeners)]),
+        strays: Vec::new(),
         control: None,
     };
-    supervise(config, sockets, control, Signals::none(), None, stop).await;
+    let controls = BTreeMap::from([(name, control)]);
+    supervise(config, sockets, controls, Signals::none(), None, stop).await;
 }
 
 async fn supervise(
     config: Config,
-    sockets: Sockets,
-    control: Box<dyn Control>,
+    mut sockets: Sockets,
+    mut controls: BTreeMap<String, Box<dyn Control>>,
     signals: Signals,
     reload: Option<Reload>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut supervisor = Supervisor::new(config, reload);
-    let bridge = Bridge::new(
-        crate::units::DEFAULT_BOARD,
-        sockets.boards,
-        Arc::new(Mutex::new(control)),
-        supervisor.status_book(),
-    );
-    supervisor.spawn(bridge);
+    let mut supervisor = Supervisor::new(config.clone(), reload);
+    for board in &config.boards {
+        let listeners = sockets.boards.remove(&board.name).unwrap_or_default();
+        let Some(control) = controls.remove(&board.name) else {
+            continue;
+        };
+        let bridge = Bridge::new(
+            &board.name,
+            board.serial.device.display().to_string(),
+            listeners,
+            Arc::new(Mutex::new(control)),
+            supervisor.status_book(),
+        );
+        supervisor.spawn(bridge);
+    }
+    for (name, listener) in sockets.strays {
+        supervisor.refuse_stray(name, listener);
+    }
     if let Some(listener) = sockets.control {
         supervisor.serve_control(listener);
     }

@@ -1,8 +1,12 @@
 //! What each board is doing, kept in one place: sessions and bridges write it, the supervisor
 //! reads it for systemd's one-line status, and nobody below the supervisor talks to systemd.
 
+use crate::control::{ResetKind, ResetLog};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// A board's activity.
@@ -10,23 +14,85 @@ use tokio::sync::watch;
 pub enum Activity {
     /// Waiting for a client.
     Idle,
-    /// A client is served.
-    Serving { peer: SocketAddr, baud: u32 },
+    /// A client is served, on the port of this kind ("RFC 2217", "ESP raw").
+    Serving {
+        peer: SocketAddr,
+        port: &'static str,
+        baud: u32,
+    },
     /// The last client could not be served: the device is missing or unusable.
     DeviceUnusable { device: String },
 }
 
 /// One board's entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BoardStatus {
     /// The board's name (`[[board]] name`; "default" for a file with one board).
     pub name: String,
     /// Where clients connect, for the idle line ("127.0.0.1:2217 (RFC 2217)").
     pub listening: Vec<String>,
+    /// The serial device as configured.
+    pub device: String,
     pub activity: Activity,
+    /// When `activity` began.
+    pub since: Instant,
+    /// The board's reset engine's record; `None` where resets are not planned here (no
+    /// control lines, or `mode = "direct"`).
+    pub resets: Option<ResetLog>,
 }
 
 impl BoardStatus {
+    /// A board that has just started: idle.
+    pub fn new(
+        name: &str,
+        listening: Vec<String>,
+        device: String,
+        resets: Option<ResetLog>,
+    ) -> Self {
+        BoardStatus {
+            name: name.to_string(),
+            listening,
+            device,
+            activity: Activity::Idle,
+            since: Instant::now(),
+            resets,
+        }
+    }
+
+    /// `esp-bridge status`'s lines for this board: the one-line summary after the name, then
+    /// how long that has been so, the device and the last reset, indented.
+    pub fn report(&self, now: Instant) -> String {
+        let mut out = format!("{}\t{}", self.name, self.line());
+        let _ = write!(
+            out,
+            " (for {})",
+            ago(now.saturating_duration_since(self.since))
+        );
+        if let Activity::Serving { port, .. } = &self.activity {
+            let _ = write!(out, " on the {port} port");
+        }
+        out.push('\n');
+        let present = if Path::new(&self.device).exists() {
+            "present"
+        } else {
+            "missing"
+        };
+        let _ = writeln!(out, "\tdevice {}: {present}", self.device);
+        let reset = match self.resets.as_ref().map(ResetLog::last) {
+            None => "not tracked (no control lines, or mode = \"direct\")".to_string(),
+            Some(None) => "none since the service started".to_string(),
+            Some(Some((at, kind))) => {
+                let what = match kind {
+                    ResetKind::Bootloader => "into the bootloader",
+                    ResetKind::Application => "into the application",
+                };
+                format!("{what}, {} ago", ago(now.saturating_duration_since(at)))
+            }
+        };
+        let _ = writeln!(out, "\tlast reset: {reset}");
+        out
+    }
+
     /// The one-line summary systemd shows (`systemctl status`).
     pub fn line(&self) -> String {
         match &self.activity {
@@ -34,8 +100,8 @@ impl BoardStatus {
                 "idle: waiting for a client on {}",
                 self.listening.join(", ")
             ),
-            Activity::Serving { peer, baud } => {
-                format!("serving {} at {baud} baud", peer.ip())
+            Activity::Serving { peer, baud, .. } => {
+                format!("serving {peer} at {baud} baud")
             }
             Activity::DeviceUnusable { device } => {
                 format!("device missing or unusable: {device}")
@@ -86,23 +152,35 @@ impl StatusBook {
         summary(&self.boards.borrow())
     }
 
-    /// A line per board, `NAME<TAB>what it is doing`: the answer to `esp-bridge status`.
+    /// Per board a line `NAME<TAB>what it is doing (for how long)` and indented details: the
+    /// answer to `esp-bridge status`.
     pub fn report(&self) -> String {
-        self.boards
-            .borrow()
-            .iter()
-            .map(|b| format!("{}\t{}\n", b.name, b.line()))
-            .collect()
+        let now = Instant::now();
+        self.boards.borrow().iter().map(|b| b.report(now)).collect()
     }
 }
 
-/// The one-line summary of `boards`.
+/// The one-line summary of `boards`, each named where there are several.
 pub fn summary(boards: &[BoardStatus]) -> String {
-    boards
-        .iter()
-        .map(BoardStatus::line)
-        .collect::<Vec<_>>()
-        .join("; ")
+    match boards {
+        [one] => one.line(),
+        _ => boards
+            .iter()
+            .map(|b| format!("{}: {}", b.name, b.line()))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// "3 s", "4 min 5 s", "2 h 10 min", "3 d 4 h".
+fn ago(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
+    }
 }
 
 /// One board's writer.
@@ -120,6 +198,7 @@ impl StatusHandle {
             .send_if_modified(|boards| match boards.get_mut(self.index) {
                 Some(b) if b.activity != activity => {
                     b.activity = activity;
+                    b.since = Instant::now();
                     true
                 }
                 _ => false,
@@ -137,5 +216,69 @@ impl StatusHandle {
                 _ => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board(name: &str, resets: Option<ResetLog>) -> BoardStatus {
+        BoardStatus::new(
+            name,
+            vec!["0.0.0.0:2217 (RFC 2217)".into()],
+            "/nonexistent/tty".into(),
+            resets,
+        )
+    }
+
+    #[test]
+    fn the_systemd_line_names_the_boards_only_when_there_are_several() {
+        let one = [board("default", None)];
+        assert_eq!(
+            summary(&one),
+            "idle: waiting for a client on 0.0.0.0:2217 (RFC 2217)"
+        );
+        let mut two = [board("lab1", None), board("lab2", None)];
+        two[1].activity = Activity::Serving {
+            peer: "10.0.0.5:50000".parse().expect("address"),
+            port: "ESP raw",
+            baud: 921_600,
+        };
+        assert_eq!(
+            summary(&two),
+            "lab1: idle: waiting for a client on 0.0.0.0:2217 (RFC 2217); lab2: serving 10.0.0.5:50000 at 921600 baud"
+        );
+    }
+
+    #[test]
+    fn the_report_says_for_how_long_the_device_and_the_last_reset() {
+        let resets = ResetLog::default();
+        let mut b = board("lab1", Some(resets.clone()));
+        let start = b.since;
+        b.activity = Activity::Serving {
+            peer: "10.0.0.5:50000".parse().expect("address"),
+            port: "ESP raw",
+            baud: 921_600,
+        };
+        let text = b.report(start + Duration::from_secs(125));
+        assert_eq!(
+            text,
+            "lab1\tserving 10.0.0.5:50000 at 921600 baud (for 2 min 5 s) on the ESP raw port\n\
+             \tdevice /nonexistent/tty: missing\n\
+             \tlast reset: none since the service started\n"
+        );
+        resets.record(ResetKind::Bootloader);
+        let (at, _) = resets.last().expect("recorded");
+        let text = b.report(at + Duration::from_secs(3 * 3600 + 60));
+        assert!(
+            text.ends_with("\tlast reset: into the bootloader, 3 h 1 min ago\n"),
+            "{text}"
+        );
+        assert!(
+            board("x", None)
+                .report(Instant::now())
+                .contains("not tracked")
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! waits for them, bounded, so the process always ends well inside `TimeoutStopSec`.
 
 use crate::bridge::Bridge;
-use crate::config::Config;
+use crate::config::{Config, ControlBackend};
 use crate::status::{Activity, StatusBook};
 use crate::timer;
 use std::future::Future;
@@ -105,12 +105,44 @@ impl Supervisor {
         &self.book
     }
 
-    /// Starts a bridge; it serves until the supervisor stops.
+    /// Starts a bridge; it serves until the supervisor stops. Its log lines carry its board.
     pub fn spawn(&mut self, bridge: Bridge) {
         let config = self.config.subscribe();
         let shutdown = self.shutdown.subscribe();
+        let span = crate::bridge::board_span(bridge.name());
         self.bridges
-            .push(tokio::spawn(bridge.run(config, shutdown)));
+            .push(tokio::spawn(tracing::Instrument::instrument(
+                bridge.run(config, shutdown),
+                span,
+            )));
+    }
+
+    /// Tells each client of a socket systemd passed for a board the configuration does not
+    /// have why it is not served (until the supervisor stops).
+    pub fn refuse_stray(&mut self, board: String, (listener, _): crate::bridge::Listener) {
+        let mut shutdown = self.shutdown.subscribe();
+        self.bridges.push(tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stopping(&mut shutdown) => return,
+                    a = listener.accept() => a,
+                };
+                if let Ok((mut stream, peer)) = accepted {
+                    crate::log_limit::limited!(
+                        warn,
+                        "clients of unknown boards",
+                        "client {peer} not served: board {board} is not in the configuration (run `sudo esp-bridge apply`)"
+                    );
+                    let text = format!(
+                        "esp-bridge: board {board} is not in the configuration any more; ask the administrator to run `sudo esp-bridge apply`\r\n"
+                    );
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
+                    });
+                }
+            }
+        }));
     }
 
     /// Answers `esp-bridge status` on the control socket until the supervisor stops.
@@ -143,7 +175,7 @@ impl Supervisor {
         // notifications a full socket held back.
         let mut housekeeping = Some(tokio::time::interval(Duration::from_secs(1)));
         loop {
-            let idle_exit = config.borrow().network.idle_exit();
+            let idle_exit = config.borrow().network.idle_exit;
             let idle_deadline = idle_since
                 .zip(idle_exit)
                 .and_then(|(since, after)| since.checked_add(after));
@@ -245,13 +277,43 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Settings that only a restart can change: said once, so nobody waits for them in vain.
+/// A reload applies per board, from its next client: serial settings and the session's
+/// network settings. Boards, ports and control lines need `esp-bridge apply`: said per board.
 fn warn_unreloadable(old: &Config, new: &Config) {
-    if old.network.listen != new.network.listen {
-        tracing::warn!(
-            "[network] listen changed: restart esp-bridge (or edit esp-bridge.socket) for it to apply"
-        );
+    let apply = "run `sudo esp-bridge apply` (or restart esp-bridge) for it to take effect";
+    for b in &new.boards {
+        match old.board(&b.name) {
+            None => tracing::warn!("board {} is new: {apply}", b.name),
+            Some(o) => {
+                if o.listen != b.listen || o.raw_listen != b.raw_listen {
+                    tracing::warn!("board {}: its ports changed: {apply}", b.name);
+                }
+                if o.control != b.control {
+                    tracing::warn!("board {}: its control lines changed: {apply}", b.name);
+                }
+                let modem_device = o.control.backend == ControlBackend::Modem
+                    && o.serial.device != b.serial.device;
+                if modem_device {
+                    tracing::warn!(
+                        "board {}: its device changed, and its reset lines are that device's DTR/RTS: {apply}; until then it is served on {}",
+                        b.name,
+                        o.serial.device.display()
+                    );
+                } else if o.serial != b.serial {
+                    tracing::info!(
+                        "board {}: serial settings changed; they apply from its next client",
+                        b.name
+                    );
+                }
+            }
+        }
     }
-    if old.control != new.control {
-        tracing::warn!("[control] changed: restart esp-bridge for the new lines to be requested");
+    for o in &old.boards {
+        if new.board(&o.name).is_none() {
+            tracing::warn!(
+                "board {} is gone from the configuration; it is served as before until: {apply}",
+                o.name
+            );
+        }
     }
 }

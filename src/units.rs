@@ -50,21 +50,17 @@ fn listen_stream(addr: &SocketAddr) -> String {
     }
 }
 
-/// The socket units for `config`.
+/// The socket units for `config`: one per board and protocol it listens on.
 pub fn socket_units(config: &Config) -> Vec<SocketUnit> {
-    let board = DEFAULT_BOARD;
+    config.boards.iter().flat_map(board_units).collect()
+}
+
+fn board_units(b: &crate::config::BoardConfig) -> Vec<SocketUnit> {
+    let board = b.name.as_str();
     let mut out = Vec::new();
     for (kind, addrs, what) in [
-        (
-            PortKind::Rfc2217,
-            &config.network.listen,
-            "RFC 2217 port (rfc2217://)",
-        ),
-        (
-            PortKind::EspRaw,
-            &config.network.raw_listen,
-            "ESP raw port (socket://)",
-        ),
+        (PortKind::Rfc2217, &b.listen, "RFC 2217 port (rfc2217://)"),
+        (PortKind::EspRaw, &b.raw_listen, "ESP raw port (socket://)"),
     ] {
         let streams: BTreeSet<String> = addrs.iter().map(listen_stream).collect();
         if streams.is_empty() {
@@ -221,13 +217,13 @@ mod tests {
     #[test]
     fn addresses_other_than_the_wildcard_stay_as_given_and_empty_lists_make_no_unit() {
         let mut c = Config::default();
-        c.network.listen = vec![
+        c.boards[0].listen = vec![
             "127.0.0.1:4000".parse().unwrap(),
             "[::1]:4000".parse().unwrap(),
             "0.0.0.0:4001".parse().unwrap(),
             "[::]:4001".parse().unwrap(),
         ];
-        c.network.raw_listen = vec![];
+        c.boards[0].raw_listen = vec![];
         let units = socket_units(&c);
         assert_eq!(units.len(), 1);
         let t = &units[0].text;

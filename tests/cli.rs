@@ -217,3 +217,105 @@ fn listening_on_a_busy_port_fails_with_a_hint() {
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains(&format!("cannot listen on {addr}")), "{t}");
 }
+
+/// A sysfs and /proc/device-tree tree below `root` in which each `(tty, node, label)` is a
+/// SoC UART: the tty's device has an of_node link into the device tree (relative, as sysfs
+/// makes them) and `__symbols__/<label>` holds the node's path, as every Pi device tree has.
+fn soc_uarts(root: &Path, uarts: &[(&str, &str, &str)]) {
+    let _ = std::fs::remove_dir_all(root);
+    for (tty, node, label) in uarts {
+        let dt_node = root
+            .join("sys/firmware/devicetree/base")
+            .join(node.trim_start_matches('/'));
+        std::fs::create_dir_all(&dt_node).expect("dt node");
+        let platform = root
+            .join("sys/devices/platform/soc")
+            .join(format!("{tty}-parent"));
+        std::fs::create_dir_all(platform.join("tty").join(tty)).expect("device dir");
+        std::os::unix::fs::symlink(
+            format!("../../../../firmware/devicetree/base{node}"),
+            platform.join("of_node"),
+        )
+        .expect("of_node");
+        std::os::unix::fs::symlink("../..", platform.join("tty").join(tty).join("device"))
+            .expect("device link");
+        let class = root.join("sys/class/tty");
+        std::fs::create_dir_all(&class).expect("class dir");
+        std::os::unix::fs::symlink(
+            format!("../../devices/platform/soc/{tty}-parent/tty/{tty}"),
+            class.join(tty),
+        )
+        .expect("class link");
+        let symbols = root.join("proc/device-tree/__symbols__");
+        std::fs::create_dir_all(&symbols).expect("symbols");
+        std::fs::write(symbols.join(label), format!("{node}\0")).expect("symbol");
+    }
+}
+
+fn uart_name(root: &Path, tty: &str) -> Option<String> {
+    let o = bridge(["uart-name", "--root", &root.display().to_string(), tty]);
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+#[test]
+fn uart_names_follow_the_controller_whatever_number_the_kernel_gave() {
+    let dir = temp_dir("uart-name");
+    // A Pi 4 on an old kernel with only uart3 enabled: it came up as ttyAMA1.
+    soc_uarts(
+        &dir,
+        &[
+            ("ttyAMA0", "/soc/serial@7e201000", "uart0"),
+            ("ttyS0", "/soc/serial@7e215040", "uart1"),
+            ("ttyAMA1", "/soc/serial@7e201600", "uart3"),
+        ],
+    );
+    assert_eq!(uart_name(&dir, "ttyAMA1").as_deref(), Some("uart3"));
+    assert_eq!(uart_name(&dir, "ttyAMA0").as_deref(), Some("uart0"));
+    assert_eq!(uart_name(&dir, "ttyS0").as_deref(), Some("uart1"));
+    // uart2 enabled as well: the old kernel renumbers, uart3 is now ttyAMA2, and its name stays.
+    soc_uarts(
+        &dir,
+        &[
+            ("ttyAMA0", "/soc/serial@7e201000", "uart0"),
+            ("ttyAMA1", "/soc/serial@7e201400", "uart2"),
+            ("ttyAMA2", "/soc/serial@7e201600", "uart3"),
+        ],
+    );
+    assert_eq!(uart_name(&dir, "ttyAMA2").as_deref(), Some("uart3"));
+    assert_eq!(uart_name(&dir, "ttyAMA1").as_deref(), Some("uart2"));
+    // A Pi 5: RP1's UARTs behind PCIe, and the debug connector's uart10.
+    soc_uarts(
+        &dir,
+        &[
+            ("ttyAMA10", "/soc@107c000000/serial@7d001000", "uart10"),
+            ("ttyAMA1", "/axi/pcie@120000/rp1/serial@34000", "uart1"),
+        ],
+    );
+    assert_eq!(uart_name(&dir, "ttyAMA1").as_deref(), Some("uart1"));
+    assert_eq!(uart_name(&dir, "ttyAMA10").as_deref(), Some("uart10"));
+    // No device-tree node (a USB adapter), no such tty, or a name that walks out: no link.
+    for tty in ["ttyUSB0", "../ttyAMA1", ""] {
+        assert_eq!(uart_name(&dir, tty), None, "{tty:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_report_into_a_pipe_that_closes_early_ends_quietly() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/esp-bridge.toml");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' check-config --config '{shipped}' --control none | head -c 1 >/dev/null",
+            env!("CARGO_BIN_EXE_esp-bridge")
+        ))
+        .output()
+        .expect("sh runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}

@@ -130,7 +130,7 @@ impl Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let mut config = Config::default();
-        config.serial.device = device.path.clone();
+        config.boards[0].serial.device = device.path.clone();
         configure(&mut config);
         let control = Recorder::default();
         let (stop, stopped) = oneshot::channel();

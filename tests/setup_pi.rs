@@ -10,8 +10,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-const CASES_THAT_CHANGE: [&str; 6] = [
+const CASES_THAT_CHANGE: [&str; 8] = [
     "bookworm",
+    "pi4-boards",
+    "pi5-boards",
     "bullseye",
     "hand-edited",
     "miniuart-bt",
@@ -128,7 +130,8 @@ fn apply_produces_exactly_the_expected_files() {
                 "nothing changed, nothing recorded"
             );
         } else {
-            assert!(!out.contains("ttyAMA0\" in"), "{case} is no Pi 5: {out}");
+            // pi5-boards names its header UART by-uart/uart0: no note needed.
+            assert!(!out.contains("set device"), "{case}: {out}");
             assert!(
                 dir.join(STATE).is_file(),
                 "{case}: the changes are recorded"
@@ -625,4 +628,39 @@ fn a_model_file_that_is_a_link_is_refused_unless_assume_pi() {
     ok(&setup_pi(&dir, &["--assume-pi"]));
     fs::remove_dir_all(&dir).expect("cleanup");
     fs::remove_dir_all(&out).expect("cleanup");
+}
+
+#[test]
+fn a_uart_whose_pins_a_board_drives_is_refused_with_nothing_changed() {
+    // uart3 of a Pi 4 takes GPIO4/5; lab3 is moved onto GPIO5 for its boot line.
+    let dir = root("pi4-boards", "clash");
+    let config = dir.join("etc/esp-bridge.toml");
+    let original = fs::read_to_string(&config).expect("config");
+    fs::write(
+        &config,
+        original.replace("boot = \"GPIO24\"", "boot = \"GPIO5\""),
+    )
+    .expect("write");
+    let before = tree(&dir);
+    let o = setup_pi(&dir, &[]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains(
+            "board lab3 drives GPIO5 as its boot line, but uart3 of board lab2 takes GPIO5"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("nothing was changed"), "{out}");
+    assert_eq!(tree(&dir), before);
+    // A UART this model does not have: the same.
+    fs::write(&config, original.replace("uart5", "uart1")).expect("write");
+    let o = setup_pi(&dir, &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("board lab3: /dev/serial/by-uart/uart1: uart1 is the mini UART"),
+        "{}",
+        text(&o)
+    );
+    fs::remove_dir_all(&dir).expect("cleanup");
 }

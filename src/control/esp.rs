@@ -5,7 +5,7 @@
 //! a client toggles.
 
 use super::planner::{Planner, ResetEvent};
-use super::{Control, LineDriver, ModemOutputs, Straps};
+use super::{Control, LineDriver, ModemOutputs, ResetKind, ResetLog, Straps};
 use crate::config::AfterDisconnect;
 use crate::log_limit::limited;
 use std::future::Future;
@@ -21,6 +21,7 @@ struct Engine {
     driver: Box<dyn LineDriver>,
     /// A release was planned and the lines have not rested since.
     releasing: bool,
+    resets: ResetLog,
 }
 
 impl Engine {
@@ -35,7 +36,7 @@ impl Engine {
                     self.driver.describe()
                 );
             }
-            log_event(event);
+            log_event(event, &self.resets);
         }
         if self.releasing && self.planner.idle() {
             self.releasing = false;
@@ -50,6 +51,7 @@ pub struct EspControl {
     /// Wakes the timer task: the plan changed.
     replanned: Arc<Notify>,
     description: String,
+    resets: ResetLog,
 }
 
 fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
@@ -66,17 +68,24 @@ impl EspControl {
             "esp (reset and bootloader sequences timed locally) on {}",
             driver.describe()
         );
+        let resets = ResetLog::default();
         let engine = Arc::new(Mutex::new(Engine {
             planner: Planner::new(Straps::RELEASED, after),
             driver,
             releasing: false,
+            resets: resets.clone(),
         }));
         let replanned = Arc::new(Notify::new());
-        tokio::spawn(timer_task(Arc::downgrade(&engine), Arc::clone(&replanned)));
+        // In the span of the board it is created for: its reset lines carry BOARD=.
+        tokio::spawn(tracing::Instrument::in_current_span(timer_task(
+            Arc::downgrade(&engine),
+            Arc::clone(&replanned),
+        )));
         EspControl {
             engine,
             replanned,
             description,
+            resets,
         }
     }
 
@@ -116,7 +125,12 @@ async fn timer_task(engine: Weak<Mutex<Engine>>, replanned: Arc<Notify>) {
     }
 }
 
-fn log_event(event: Option<ResetEvent>) {
+fn log_event(event: Option<ResetEvent>, resets: &ResetLog) {
+    match event {
+        Some(ResetEvent::EnteredBootloader { .. }) => resets.record(ResetKind::Bootloader),
+        Some(ResetEvent::BootedApp { .. }) => resets.record(ResetKind::Application),
+        _ => {}
+    }
     match event {
         Some(ResetEvent::EnteredBootloader { reset_for }) => limited!(
             info,
@@ -171,5 +185,8 @@ impl Control for EspControl {
     }
     fn describe(&self) -> String {
         self.description.clone()
+    }
+    fn resets(&self) -> Option<ResetLog> {
+        Some(self.resets.clone())
     }
 }

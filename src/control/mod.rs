@@ -26,6 +26,8 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 /// The two ESP strapping inputs as the bridge wants them driven. `true` = asserted: the pin
 /// is pulled low (EN low holds the chip in reset; IO0 low selects download mode at reset).
@@ -73,6 +75,29 @@ pub struct ModemOutputs {
     pub rts: bool,
 }
 
+/// Where a reset left the chip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetKind {
+    /// EN rose with IO0 low: the ROM's download mode.
+    Bootloader,
+    /// EN rose with IO0 high: the application.
+    Application,
+}
+
+/// A board's last reset: written by its reset engine, read for `esp-bridge status`.
+#[derive(Debug, Clone, Default)]
+pub struct ResetLog(Arc<Mutex<Option<(Instant, ResetKind)>>>);
+
+impl ResetLog {
+    pub fn record(&self, kind: ResetKind) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), kind));
+    }
+
+    pub fn last(&self) -> Option<(Instant, ResetKind)> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The policy between the client's DTR/RTS and the pins.
 pub trait Control: Send {
     /// The client changed DTR or RTS (called for every SET-CONTROL, in stream order, with
@@ -95,6 +120,10 @@ pub trait Control: Send {
     }
     /// For logs.
     fn describe(&self) -> String;
+    /// The record of the resets this control plans, where it plans them.
+    fn resets(&self) -> Option<ResetLog> {
+        None
+    }
 }
 
 /// No lines at all: DTR/RTS requests are acknowledged and otherwise ignored.

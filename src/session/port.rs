@@ -460,7 +460,7 @@ fn is_gone(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use crate::control::NoControl;
-    use crate::status::{Activity, BoardStatus, StatusBook};
+    use crate::status::{BoardStatus, StatusBook};
     use crate::uart::{Drain, ModemStatus};
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
@@ -543,11 +543,7 @@ mod tests {
             stop_bits: StopBits::One,
             flow: FlowControl::None,
         };
-        let status = StatusBook::new().add(BoardStatus {
-            name: "test".into(),
-            listening: vec![],
-            activity: Activity::Idle,
-        });
+        let status = StatusBook::new().add(BoardStatus::new("test", vec![], String::new(), None));
         ComPort::new(
             uart,
             configured,

@@ -1,10 +1,13 @@
 //! `setup-pi` itself: reads both boot files, plans the edits, records them and the backups,
 //! then writes the files and disables the units that would use the UART.
 
+use super::boards::{self, BoardUarts};
 use super::boot_files::{Outcome, apply_cmdline_txt, apply_config_txt, describe};
 use super::state::{BACKUP_DIR, FileState, STATE_FILE, backup_for, md5_hex};
 use super::system::{System, systemctl};
 use super::{BLUETOOTH_UNIT, GETTY_UNITS};
+use crate::config::Config;
+use crate::pi_uarts::Family;
 
 struct FilePlan {
     path: String,
@@ -12,11 +15,24 @@ struct FilePlan {
     outcome: Outcome,
 }
 
-pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), String> {
-    let model = match sys.pi_model() {
-        Ok(model) => model,
-        Err(_) if assume_pi => "a Raspberry Pi (assumed: --assume-pi)".to_string(),
+pub(super) fn apply(
+    sys: &System,
+    config: Option<&Config>,
+    dry_run: bool,
+    assume_pi: bool,
+) -> Result<(), String> {
+    let (model, family) = match sys.pi_model() {
+        Ok(model) => {
+            let family = Family::of_model(&model);
+            (model, Some(family))
+        }
+        Err(_) if assume_pi => ("a Raspberry Pi (assumed: --assume-pi)".to_string(), None),
         Err(e) => return Err(e),
+    };
+    let boards_known = config.is_some();
+    let uarts = match config {
+        Some(config) => boards::plan(config, family)?,
+        None => BoardUarts::default(),
     };
     let boot = sys.boot_dir()?;
     let config_path = format!("{boot}/config.txt");
@@ -24,7 +40,7 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
     // Both are read before anything is written: a missing or unreadable one changes nothing.
     let config = sys.read_text(&config_path)?;
     let cmdline = sys.read_text(&cmdline_path)?;
-    let config_outcome = apply_config_txt(&config);
+    let config_outcome = apply_config_txt(&config, &uarts.overlays);
     let cmdline_outcome = apply_cmdline_txt(&cmdline);
     let mut candidates: Vec<&str> = Vec::new();
     if config_outcome.bluetooth_off {
@@ -49,12 +65,16 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
         "esp-bridge setup-pi: {model}; boot files in {}",
         sys.show(boot)
     );
-    if model.contains("Raspberry Pi 5") || model.contains("Compute Module 5") {
+    // With a configuration, its boards' devices are checked one by one instead (`boards`).
+    if family == Some(Family::Pi5) && !boards_known {
         // serial0 is the debug connector's UART (ttyAMA10) on these; uart0=on makes ttyAMA0.
         println!(
             "  note: on this board GPIO14/15 is /dev/ttyAMA0 (/dev/serial0 is the debug connector): \
              set device = \"/dev/ttyAMA0\" in /etc/esp-bridge.toml"
         );
+    }
+    for note in &uarts.notes {
+        println!("  note: {note}");
     }
     for plan in &plans {
         for note in &plan.outcome.notes {
@@ -67,7 +87,12 @@ pub(super) fn apply(sys: &System, dry_run: bool, assume_pi: bool) -> Result<(), 
         .collect();
     if changed.is_empty() {
         println!(
-            "  config.txt and cmdline.txt already set up: the full UART is on GPIO14/15 with no console on it"
+            "  config.txt and cmdline.txt already set up: the full UART is on GPIO14/15 with no console on it{}",
+            if uarts.overlays.is_empty() {
+                ""
+            } else {
+                ", and the boards' UARTs are on"
+            }
         );
         if units.is_empty() {
             println!("  nothing to change");

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 /// The comment put above the lines we add, so that a person reading config.txt knows why.
 const MARK: &str =
     "# esp-bridge: full UART on GPIO14/15 for the ESP board (undo: esp-bridge setup-pi --revert)";
+/// The same, when the lines include the extra UARTs of the boards in /etc/esp-bridge.toml.
+const MARK_BOARDS: &str = "# esp-bridge: the UARTs of the ESP boards in /etc/esp-bridge.toml (undo: esp-bridge setup-pi --revert)";
 /// Overlays that give the PL011 to GPIO14/15. The `miniuart-bt` ones keep Bluetooth (on the
 /// mini UART), so with them hciuart must stay enabled.
 const DISABLE_BT: [&str; 3] = ["disable-bt", "pi3-disable-bt", "disable-bt-pi5"];
@@ -158,10 +160,12 @@ fn insertion_point(lines: &[Line], all: &[bool]) -> usize {
 }
 
 /// Sets `enable_uart=1`, `dtoverlay=disable-bt` and `dtparam=uart0=on` for every board in a
-/// config.txt. Lines
-/// already meaning the same are kept (no duplicates), comments and conditional sections are
-/// left alone, and the file's line endings and missing final newline are preserved.
-pub(super) fn apply_config_txt(content: &str) -> Outcome {
+/// config.txt, and the `dtoverlay=uartN` lines in `uart_overlays` (the extra UARTs the
+/// boards of the configuration use). Lines already meaning the same are kept (no
+/// duplicates; `dtoverlay=uart3,ctsrts` counts as `dtoverlay=uart3`), comments and
+/// conditional sections are left alone, and the file's line endings and missing final
+/// newline are preserved.
+pub(super) fn apply_config_txt(content: &str, uart_overlays: &[String]) -> Outcome {
     let mut lines = split_lines(content);
     let all = unconditional(&lines);
     let mut notes = Vec::new();
@@ -172,6 +176,8 @@ pub(super) fn apply_config_txt(content: &str) -> Outcome {
     let mut overlay: Option<String> = None;
     // Whether the last unconditional `uart0` parameter turns it on (`dtparam=a=on,uart0`).
     let mut uart0_on = false;
+    // The overlays loaded for every board, by name.
+    let mut overlays_on: Vec<String> = Vec::new();
     for (i, l) in lines.iter().enumerate() {
         let Some((key, value)) = setting(&l.text) else {
             continue;
@@ -195,6 +201,7 @@ pub(super) fn apply_config_txt(content: &str) -> Outcome {
             }
         } else if key == "dtoverlay" && all[i] {
             let name = value.split(',').next().unwrap_or_default().trim();
+            overlays_on.push(name.to_string());
             if DISABLE_BT.contains(&name) || MINIUART_BT.contains(&name) {
                 overlay = Some(name.to_string());
             }
@@ -229,11 +236,23 @@ pub(super) fn apply_config_txt(content: &str) -> Outcome {
     if !uart0_on {
         add.push(UART0_ON);
     }
+    let base_lines = add.len();
+    for line in uart_overlays {
+        let name = line.strip_prefix("dtoverlay=").unwrap_or(line);
+        if !overlays_on.iter().any(|on| on == name) && !add.contains(&line.as_str()) {
+            add.push(line);
+        }
+    }
+    let mark = if add.len() > base_lines {
+        MARK_BOARDS
+    } else {
+        MARK
+    };
 
     if !add.is_empty() {
         let at = insertion_point(&lines, &all);
         let eol = newline_style(&lines);
-        let block: Vec<&str> = std::iter::once(MARK).chain(add).collect();
+        let block: Vec<&str> = std::iter::once(mark).chain(add).collect();
         // A file without a final newline keeps that shape: the newline moves to the line that
         // used to be last, and our last line goes without one.
         let mut last_eol = eol;
@@ -434,6 +453,10 @@ pub(super) fn describe(edit: &Edit, done: bool) -> String {
 mod tests {
     use super::*;
 
+    fn plain(content: &str) -> Outcome {
+        apply_config_txt(content, &[])
+    }
+
     const BOOKWORM: &str = "dtparam=audio=on\n\n# Run as fast as firmware / board allows\narm_boost=1\n\n[cm4]\notg_mode=1\n\n[cm5]\ndtoverlay=dwc2,dr_mode=host\n\n[all]\n";
 
     fn added(outcome: &Outcome) -> Vec<String> {
@@ -449,7 +472,7 @@ mod tests {
 
     #[test]
     fn bookworm_gets_both_lines_after_the_final_all() {
-        let o = apply_config_txt(BOOKWORM);
+        let o = plain(BOOKWORM);
         assert_eq!(
             o.content,
             format!("{BOOKWORM}{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n")
@@ -462,9 +485,42 @@ mod tests {
     }
 
     #[test]
+    fn the_boards_uarts_are_added_once_and_an_existing_one_with_parameters_counts() {
+        let uarts = vec!["dtoverlay=uart3".to_string(), "dtoverlay=uart5".to_string()];
+        let o = apply_config_txt(BOOKWORM, &uarts);
+        assert_eq!(
+            added(&o),
+            [
+                MARK_BOARDS,
+                "enable_uart=1",
+                "dtoverlay=disable-bt",
+                UART0_ON,
+                "dtoverlay=uart3",
+                "dtoverlay=uart5"
+            ]
+        );
+        assert!(o.content.ends_with("dtoverlay=uart5\n"), "{}", o.content);
+        let again = apply_config_txt(&o.content, &uarts);
+        assert!(again.edits.is_empty(), "{:?}", again.edits);
+        // Already there with hardware flow control, for every board: kept as is.
+        let o = apply_config_txt(
+            "enable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\ndtoverlay=uart3,ctsrts\n",
+            &uarts,
+        );
+        assert_eq!(added(&o), [MARK_BOARDS, "dtoverlay=uart5"]);
+        // Under a board filter it does not count: ours goes into [all].
+        let o = apply_config_txt(
+            "enable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n[pi4]\ndtoverlay=uart3\n[all]\n",
+            &uarts[..1],
+        );
+        assert_eq!(added(&o), [MARK_BOARDS, "dtoverlay=uart3"]);
+        assert!(o.content.ends_with("[all]\n# esp-bridge: the UARTs of the ESP boards in /etc/esp-bridge.toml (undo: esp-bridge setup-pi --revert)\ndtoverlay=uart3\n"), "{}", o.content);
+    }
+
+    #[test]
     fn applying_twice_changes_nothing() {
-        let once = apply_config_txt(BOOKWORM);
-        let twice = apply_config_txt(&once.content);
+        let once = plain(BOOKWORM);
+        let twice = plain(&once.content);
         assert!(twice.edits.is_empty());
         assert_eq!(twice.content, once.content);
         let c = apply_cmdline_txt("console=serial0,115200 console=tty1 root=x rootwait\n");
@@ -475,7 +531,7 @@ mod tests {
     fn lines_go_into_the_last_all_stretch_not_into_a_board_section() {
         // Bullseye style: ends in [pi4] ... [all]; and a file that ends inside a filter.
         let text = "a=1\n\n[pi4]\narm_boost=1\n";
-        let o = apply_config_txt(text);
+        let o = plain(text);
         assert_eq!(
             o.content,
             format!(
@@ -487,7 +543,7 @@ mod tests {
     #[test]
     fn equivalent_lines_are_not_duplicated_and_comments_are_left_alone() {
         let text = "#dtoverlay=disable-bt\n# enable_uart=1\nenable_uart=1\ndtoverlay=pi3-disable-bt\ndtparam=audio=on,uart0\n";
-        let o = apply_config_txt(text);
+        let o = plain(text);
         assert!(o.edits.is_empty(), "{:?}", o.edits);
         assert_eq!(o.content, text);
         assert!(o.bluetooth_off);
@@ -496,7 +552,7 @@ mod tests {
     #[test]
     fn settings_under_a_board_filter_do_not_count() {
         let text = "[pi4]\nenable_uart=1\ndtoverlay=disable-bt\n[all]\n";
-        let o = apply_config_txt(text);
+        let o = plain(text);
         assert_eq!(
             added(&o),
             [MARK, "enable_uart=1", "dtoverlay=disable-bt", UART0_ON]
@@ -509,7 +565,7 @@ mod tests {
     #[test]
     fn enable_uart_0_is_rewritten_in_place() {
         let text = "enable_uart=0\ndtoverlay=disable-bt\ndtparam=uart0=on\n[pi3]\nenable_uart=0\n";
-        let o = apply_config_txt(text);
+        let o = plain(text);
         assert_eq!(
             o.content,
             "enable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n[pi3]\nenable_uart=0\n"
@@ -533,7 +589,7 @@ mod tests {
     fn uart0_is_added_unless_already_on_for_every_board() {
         // Off for every board, or on only under [pi5]: ours goes after and wins.
         for text in ["dtparam=uart0=off\n", "[pi5]\ndtparam=uart0=on\n[all]\n"] {
-            let o = apply_config_txt(&format!("enable_uart=1\ndtoverlay=disable-bt\n{text}"));
+            let o = plain(&format!("enable_uart=1\ndtoverlay=disable-bt\n{text}"));
             assert_eq!(added(&o), [MARK, UART0_ON], "{text}");
             assert!(
                 o.content.ends_with(&format!("{MARK}\n{UART0_ON}\n")),
@@ -545,14 +601,14 @@ mod tests {
             "dtparam=uart0",
             "dtparam=i2c_arm=on,uart0=true",
         ] {
-            let o = apply_config_txt(&format!("enable_uart=1\ndtoverlay=disable-bt\n{on}\n"));
+            let o = plain(&format!("enable_uart=1\ndtoverlay=disable-bt\n{on}\n"));
             assert!(o.edits.is_empty(), "{on}: {:?}", o.edits);
         }
     }
 
     #[test]
     fn miniuart_bt_keeps_bluetooth() {
-        let o = apply_config_txt("enable_uart=1\ndtoverlay=miniuart-bt\ndtparam=uart0=on\n");
+        let o = plain("enable_uart=1\ndtoverlay=miniuart-bt\ndtparam=uart0=on\n");
         assert!(o.edits.is_empty());
         assert!(!o.bluetooth_off);
         assert_eq!(o.notes.len(), 1);
@@ -560,7 +616,7 @@ mod tests {
 
     #[test]
     fn crlf_and_missing_final_newline_are_kept() {
-        let o = apply_config_txt("a=1\r\n[all]");
+        let o = plain("a=1\r\n[all]");
         assert_eq!(
             o.content,
             format!(
@@ -574,7 +630,7 @@ mod tests {
 
     #[test]
     fn empty_config_txt() {
-        let o = apply_config_txt("");
+        let o = plain("");
         assert_eq!(
             o.content,
             format!("{MARK}\nenable_uart=1\ndtoverlay=disable-bt\ndtparam=uart0=on\n")
@@ -617,7 +673,7 @@ mod tests {
 
     #[test]
     fn undo_keeps_the_users_later_edits() {
-        let o = apply_config_txt(BOOKWORM);
+        let o = plain(BOOKWORM);
         // The user adds a line before ours and one after, and changes an unrelated one.
         let edited = o
             .content
@@ -637,7 +693,7 @@ mod tests {
 
     #[test]
     fn undo_of_a_line_the_user_removed_says_so() {
-        let o = apply_config_txt("enable_uart=0\n");
+        let o = plain("enable_uart=0\n");
         let edited = o.content.replace("enable_uart=1\n", "enable_uart=2\n");
         let (back, notes) = undo(&edited, &o.edits);
         assert_eq!(back, "enable_uart=2\n");

@@ -11,6 +11,11 @@
 //! - `cmdline.txt`: no `console=serial0,...` (nor `ttyAMA0`, nor `ttyS0`);
 //! - `hciuart.service` and explicitly enabled serial gettys disabled.
 //!
+//! Boards of the configuration on the Pi's other UARTs, named by controller
+//! (`/dev/serial/by-uart/uart3`, see `pi_uarts`), get their overlay too (`dtoverlay=uart3`
+//! on a Pi 4, `uart3-pi5` on a Pi 5; `boards`), unless a board's EN or IO0 line sits on the
+//! pins that UART would take.
+//!
 //! The editing is pure functions over file contents (`boot_files`), unit-tested there; the rest
 //! is thin I/O (`system`) under the two commands (`apply`, `revert`). Every change is recorded
 //! in a state file (`state`), so `--revert` undoes exactly ours: by restoring the backup when a
@@ -22,14 +27,16 @@
 //! it may come from anywhere) cannot lead setup-pi, running as root, to files outside it.
 
 mod apply;
+mod boards;
 mod boot_files;
 mod revert;
 mod state;
 mod system;
 mod tree;
 
+use crate::config::{Config, Overrides};
 use crate::error::Error;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use system::System;
 
 /// Units that would talk on the UART: the Bluetooth attach service and serial gettys that were
@@ -59,8 +66,31 @@ pub struct SetupPiArgs {
     assume_pi: bool,
 }
 
-/// Runs `esp-bridge setup-pi`.
-pub fn run(args: SetupPiArgs) -> crate::error::Result {
+/// The configuration whose boards' UARTs are to be turned on: `--config`'s file, else
+/// /etc/esp-bridge.toml of the system being set up (read through `tree` under `--root`);
+/// `None` when there is none.
+fn boards_config(sys: &System, explicit: Option<&Path>) -> Result<Option<Config>, Error> {
+    if explicit.is_some() || !sys.under_root() {
+        let (config, _) = Config::load(explicit, &Overrides::default())?;
+        return Ok(Some(config));
+    }
+    let path = crate::config::DEFAULT_PATH;
+    match sys.tree().read(path) {
+        Ok(bytes) => {
+            let shown = sys.show(path);
+            let text = String::from_utf8(bytes)
+                .map_err(|_| Error::config(format!("{shown} is not UTF-8 text")))?;
+            Ok(Some(Config::parse(&text, Path::new(&shown))?))
+        }
+        Err(e) if e.not_found() => Ok(None),
+        Err(e) => Err(Error::failure(
+            e.message_unchanged(&format!("cannot read {}", sys.show(path))),
+        )),
+    }
+}
+
+/// Runs `esp-bridge setup-pi`; `config` is the global `--config`.
+pub fn run(args: SetupPiArgs, config: Option<&Path>) -> crate::error::Result {
     if let Some(root) = &args.root
         && !root.is_dir()
     {
@@ -73,7 +103,8 @@ pub fn run(args: SetupPiArgs) -> crate::error::Result {
     let result = if args.revert {
         revert::revert(&sys, args.dry_run)
     } else {
-        apply::apply(&sys, args.dry_run, args.assume_pi)
+        let config = boards_config(&sys, config)?;
+        apply::apply(&sys, config.as_ref(), args.dry_run, args.assume_pi)
     };
     result.map_err(Error::failure)
 }

@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_through_toml() {
-        let o = apply_config_txt("enable_uart=0\n");
+        let o = apply_config_txt("enable_uart=0\n", &[]);
         let state = State {
             files: vec![FileState {
                 path: "/boot/firmware/config.txt".into(),

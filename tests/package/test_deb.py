@@ -151,6 +151,7 @@ EXPECTED_FILES = {
     "usr/lib/systemd/system/esp-bridge.socket": (0o644, "packaging/esp-bridge.socket"),
     "usr/share/man/man1/esp-bridge.1.gz": (0o644, None),
     "usr/lib/udev/rules.d/60-esp-bridge-gpio.rules": (0o644, "packaging/60-esp-bridge-gpio.rules"),
+    "usr/lib/udev/rules.d/61-esp-bridge-uart.rules": (0o644, "packaging/61-esp-bridge-uart.rules"),
     "usr/share/doc/esp-bridge/copyright": (0o644, "debian/copyright"),
     "usr/share/doc/esp-bridge/changelog.Debian.gz": (0o644, None),
     "usr/share/doc/esp-bridge/README.md": (0o644, "README.md"),

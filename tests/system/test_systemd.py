@@ -98,7 +98,7 @@ def test_notify_ready_status_watchdog_stopping(tmp_path, device):
         # Every 200 ms (half of WATCHDOG_USEC): about 10 in 2 s.
         assert 7 <= len(pings) <= 13, len(pings)
         ser = serial.serial_for_url(f"rfc2217://127.0.0.1:{port}", baudrate=921600, timeout=1)
-        notify.wait_for("STATUS=serving 127.0.0.1 at 921600 baud")
+        notify.wait_for(f"STATUS=serving 127.0.0.1:{ser._socket.getsockname()[1]} at 921600 baud")
         ser.close()
         notify.wait_for("STATUS=idle")
         proc.send_signal(signal.SIGTERM)

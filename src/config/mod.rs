@@ -4,9 +4,13 @@
 //! Validation happens while deserializing (each value type checks itself), so every error
 //! that toml reports carries the file's line and column and the key, and says what is allowed.
 
-use crate::settings::LineSettings;
+mod file;
+mod values;
+
+pub use file::{ControlConfig, FileConfig, GpioConfig, NetworkConfig, SerialConfig};
+pub use values::*;
+
 pub use crate::settings::{FlowControl, Parity, StopBits};
-use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,345 +29,6 @@ pub fn default_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
-
-/// The whole configuration, after defaults and overrides.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub serial: SerialConfig,
-    pub network: NetworkConfig,
-    pub control: ControlConfig,
-}
-
-/// `[serial]`: the UART and its settings at the start of every client session.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SerialConfig {
-    #[serde(deserialize_with = "device_path")]
-    pub device: PathBuf,
-    pub baud: BaudRate,
-    pub data_bits: DataBits,
-    pub parity: Parity,
-    pub stop_bits: StopBits,
-    pub flow_control: FlowControl,
-}
-
-impl Default for SerialConfig {
-    fn default() -> Self {
-        SerialConfig {
-            device: PathBuf::from("/dev/serial0"),
-            baud: BaudRate(115_200),
-            data_bits: DataBits(8),
-            parity: Parity::None,
-            stop_bits: StopBits::One,
-            flow_control: FlowControl::None,
-        }
-    }
-}
-
-impl SerialConfig {
-    /// The settings every client session starts with.
-    pub fn line_settings(&self) -> LineSettings {
-        LineSettings {
-            baud: self.baud.0,
-            data_bits: self.data_bits.0,
-            parity: self.parity,
-            stop_bits: self.stop_bits,
-            flow: self.flow_control,
-        }
-    }
-}
-
-/// `[network]`: where clients connect and how a second client is treated.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkConfig {
-    /// Addresses bound for RFC 2217 clients when no socket is passed in by systemd.
-    pub listen: Vec<SocketAddr>,
-    /// Addresses bound for the ESP-aware raw port (`esptool --port socket://`), likewise.
-    pub raw_listen: Vec<SocketAddr>,
-    pub second_client: SecondClient,
-    /// Seconds of silence before TCP keepalive probes start; a dead peer is dropped after
-    /// about this plus 3 probes at a third of it.
-    pub keepalive_secs: KeepaliveSecs,
-    /// Exit after this many seconds without a client (0: never). Under socket activation
-    /// systemd starts the service again on the next connection.
-    pub idle_exit_secs: IdleExitSecs,
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        NetworkConfig {
-            listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
-            raw_listen: vec![SocketAddr::from(([0, 0, 0, 0], 2218))],
-            second_client: SecondClient::Refuse,
-            keepalive_secs: KeepaliveSecs(10),
-            idle_exit_secs: IdleExitSecs(0),
-        }
-    }
-}
-
-impl NetworkConfig {
-    pub fn keepalive(&self) -> Duration {
-        Duration::from_secs(self.keepalive_secs.0)
-    }
-    /// How long without a client before the service exits, if it should.
-    pub fn idle_exit(&self) -> Option<Duration> {
-        (self.idle_exit_secs.0 > 0).then(|| Duration::from_secs(self.idle_exit_secs.0))
-    }
-}
-
-/// What to do when a client connects while another is being served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SecondClient {
-    /// Tell the newcomer the port is busy and close its connection.
-    Refuse,
-    /// Disconnect the current client and serve the newcomer (for a client that crashed and
-    /// reconnects before keepalive noticed).
-    Replace,
-}
-
-/// What to do with the chip when its client leaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AfterDisconnect {
-    /// Release both lines; a chip left in download mode is reset into its application.
-    Run,
-    /// Release both lines and leave the chip as it is (e.g. in the flasher stub).
-    Release,
-}
-
-/// `[control]`: how the client's DTR/RTS reach the board's EN and IO0.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ControlConfig {
-    pub backend: ControlBackend,
-    pub mode: ControlMode,
-    pub after_disconnect: AfterDisconnect,
-    pub gpio: GpioConfig,
-}
-
-impl Default for ControlConfig {
-    fn default() -> Self {
-        ControlConfig {
-            backend: ControlBackend::Gpio,
-            mode: ControlMode::Esp,
-            after_disconnect: AfterDisconnect::Run,
-            gpio: GpioConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ControlBackend {
-    /// Nothing is driven; DTR/RTS requests are acknowledged only.
-    None,
-    /// Two GPIO lines wired to EN and IO0.
-    Gpio,
-    /// The UART's own DTR/RTS (a USB dev board with the auto-program circuit).
-    Modem,
-}
-
-impl fmt::Display for ControlBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ControlBackend::None => "none",
-            ControlBackend::Gpio => "gpio",
-            ControlBackend::Modem => "modem",
-        })
-    }
-}
-
-/// How DTR/RTS are interpreted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ControlMode {
-    /// As the intent of a dev board's auto-program circuit, with reset and bootloader
-    /// sequences timed on the Pi (see `reset.rs`).
-    Esp,
-    /// Literally: RTS asserted = EN low, DTR asserted = IO0 low, at the moment they arrive.
-    Direct,
-}
-
-/// `[control.gpio]`: the two lines of the seed wiring.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GpioConfig {
-    /// The line wired to EN (reset).
-    pub reset: LineSpec,
-    /// The line wired to IO0 (boot mode).
-    pub boot: LineSpec,
-    /// The chip, needed only when lines are given by offset ("gpiochip0" or a path).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chip: Option<String>,
-    /// Asserted = driven low.
-    pub active_low: bool,
-    pub drive: Drive,
-    pub bias: Bias,
-}
-
-impl Default for GpioConfig {
-    fn default() -> Self {
-        GpioConfig {
-            reset: LineSpec::Name("GPIO22".into()),
-            boot: LineSpec::Name("GPIO10".into()),
-            chip: None,
-            active_low: true,
-            // Released = not driven: the line floats up to the board's pull-up (and the Pi's),
-            // so a board's EN or BOOT button never shorts a Pi output driven high.
-            drive: Drive::OpenDrain,
-            bias: Bias::PullUp,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Drive {
-    PushPull,
-    OpenDrain,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Bias {
-    AsIs,
-    Disabled,
-    PullUp,
-    PullDown,
-}
-
-/// A GPIO line: its name as `gpioinfo` shows it ("GPIO22"), or its offset on `chip`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LineSpec {
-    Name(String),
-    Offset(u32),
-}
-
-impl fmt::Display for LineSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LineSpec::Name(n) => write!(f, "{n}"),
-            LineSpec::Offset(o) => write!(f, "offset {o}"),
-        }
-    }
-}
-
-impl Serialize for LineSpec {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            LineSpec::Name(n) => s.serialize_str(n),
-            LineSpec::Offset(o) => s.serialize_u32(*o),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for LineSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = LineSpec;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a line name as gpioinfo shows it (e.g. \"GPIO22\") or a line offset (e.g. 22, with chip = \"gpiochip0\")")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LineSpec, E> {
-                if v.trim().is_empty() || v.len() > 31 {
-                    Err(E::custom(format!(
-                        "line name {v:?} is not valid: give the name gpioinfo shows, e.g. \"GPIO22\""
-                    )))
-                } else {
-                    Ok(LineSpec::Name(v.to_string()))
-                }
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LineSpec, E> {
-                u32::try_from(v).map(LineSpec::Offset).map_err(|_| {
-                    E::custom(format!("line offset {v} is not valid: offsets start at 0"))
-                })
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
-/// A device path must be absolute: a relative one would depend on the service's working
-/// directory, and an empty one is a forgotten value.
-fn device_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.starts_with('/') {
-        Ok(PathBuf::from(s))
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "device {s:?} is not an absolute path: give the serial device, e.g. \"/dev/serial0\" or \"/dev/ttyUSB0\""
-        )))
-    }
-}
-
-macro_rules! checked_value {
-    ($name:ident, $inner:ty, $check:expr) => {
-        #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-        #[serde(try_from = "i64", into = "i64")]
-        pub struct $name(pub $inner);
-
-        impl From<$name> for i64 {
-            fn from(v: $name) -> i64 {
-                // Every checked value's range fits in an i64: it came from one.
-                i64::try_from(v.0).unwrap_or(i64::MAX)
-            }
-        }
-
-        impl TryFrom<i64> for $name {
-            type Error = String;
-            fn try_from(v: i64) -> Result<Self, String> {
-                let check: fn(i64) -> Result<$inner, String> = $check;
-                check(v).map($name)
-            }
-        }
-    };
-}
-
-checked_value!(BaudRate, u32, |v| {
-    match u32::try_from(v) {
-        Ok(b) if crate::settings::baud_in_range(b) => Ok(b),
-        _ => Err(format!(
-            "baud rate {v} is out of range: use a rate from {} to {}, e.g. 115200",
-            crate::settings::BAUD_MIN,
-            crate::settings::BAUD_MAX
-        )),
-    }
-});
-
-checked_value!(DataBits, u8, |v| {
-    if (5..=8).contains(&v) {
-        Ok(v as u8)
-    } else {
-        Err(format!("data_bits {v} is not allowed: use 5, 6, 7 or 8"))
-    }
-});
-
-/// The longest idle exit: a week. Beyond that "never" (0) is what is meant.
-pub const IDLE_EXIT_MAX: i64 = 7 * 24 * 3600;
-
-checked_value!(IdleExitSecs, u64, |v| {
-    if (0..=IDLE_EXIT_MAX).contains(&v) {
-        Ok(v as u64)
-    } else {
-        Err(format!(
-            "idle_exit_secs {v} is out of range: use 0 (never exit) to {IDLE_EXIT_MAX} seconds (a week)"
-        ))
-    }
-});
-
-checked_value!(KeepaliveSecs, u64, |v| {
-    if (1..=3600).contains(&v) {
-        Ok(v as u64)
-    } else {
-        Err(format!(
-            "keepalive_secs {v} is out of range: use 1 to 3600 seconds"
-        ))
-    }
-});
 
 /// A configuration that could not be used, with what to do about it.
 #[derive(Debug)]
@@ -524,12 +189,133 @@ fn file_kind(t: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// The settings every board shares (`[network]` but its addresses).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Network {
+    pub second_client: SecondClient,
+    /// Silence before TCP keepalive probes start; a dead peer is dropped after about this
+    /// plus 3 probes at a third of it.
+    pub keepalive: Duration,
+    /// How long without a client before the service exits, if it should.
+    pub idle_exit: Option<Duration>,
+}
+
+/// One board: its name, its UART and the settings every session starts with, its ports, and
+/// how its EN/IO0 are wired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardConfig {
+    pub name: String,
+    pub serial: SerialConfig,
+    pub listen: Vec<SocketAddr>,
+    pub raw_listen: Vec<SocketAddr>,
+    pub control: ControlConfig,
+}
+
+/// The effective configuration: the shared settings and every board.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub network: Network,
+    pub boards: Vec<BoardConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        FileConfig::default()
+            .resolve(&toml::Table::new())
+            .unwrap_or_else(|_| unreachable!("the defaults describe one valid board"))
+    }
+}
+
+/// What two boards must not share: a name, a device, a port, a GPIO line.
+pub(crate) fn check_boards(boards: &[BoardConfig]) -> Result<(), String> {
+    for (i, a) in boards.iter().enumerate() {
+        if a.listen.is_empty() && a.raw_listen.is_empty() {
+            return Err(format!(
+                "board {} has no port: give it listen = [\"0.0.0.0:PORT\"] and/or raw_listen = [\"0.0.0.0:PORT\"]",
+                a.name
+            ));
+        }
+        let own: Vec<&SocketAddr> = a.listen.iter().chain(&a.raw_listen).collect();
+        for (j, x) in own.iter().enumerate() {
+            if own[..j].iter().any(|y| overlap(x, y)) {
+                return Err(format!(
+                    "board {} uses port {} twice: each of its addresses needs a port of its own",
+                    a.name,
+                    x.port()
+                ));
+            }
+        }
+        for b in &boards[..i] {
+            if a.name == b.name {
+                return Err(format!(
+                    "two boards are named {}: give each board a name of its own",
+                    a.name
+                ));
+            }
+            if a.serial.device == b.serial.device {
+                return Err(format!(
+                    "boards {} and {} both use device {}: each board has its own serial device",
+                    b.name,
+                    a.name,
+                    a.serial.device.display()
+                ));
+            }
+            let theirs: Vec<&SocketAddr> = b.listen.iter().chain(&b.raw_listen).collect();
+            if let Some(x) = own.iter().find(|x| theirs.iter().any(|y| overlap(x, y))) {
+                return Err(format!(
+                    "boards {} and {} both use port {}: give each board ports of its own",
+                    b.name,
+                    a.name,
+                    x.port()
+                ));
+            }
+            if let Some(line) = shared_line(a, b) {
+                return Err(format!(
+                    "boards {} and {} both use GPIO line {line}: each board needs its own EN and IO0 lines ([control.gpio] reset and boot)",
+                    b.name, a.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two listening addresses would clash: the same port, on the same address or on
+/// every address.
+fn overlap(x: &SocketAddr, y: &SocketAddr) -> bool {
+    x.port() == y.port() && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified())
+}
+
+/// A GPIO line both boards drive, if any.
+fn shared_line(a: &BoardConfig, b: &BoardConfig) -> Option<String> {
+    let lines = |c: &BoardConfig| {
+        (c.control.backend == ControlBackend::Gpio)
+            .then(|| {
+                let g = &c.control.gpio;
+                [&g.reset, &g.boot].map(|l| (g.chip.clone(), l.clone()))
+            })
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+    };
+    let theirs = lines(b);
+    lines(a).into_iter().find_map(|(chip, line)| {
+        theirs
+            .iter()
+            .any(|(c, l)| *l == line && (matches!(line, LineSpec::Name(_)) || *c == chip))
+            .then(|| line.to_string())
+    })
+}
+
 impl Config {
     /// Parses a TOML document; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let invalid = |detail: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            detail: match e.span() {
+            detail,
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            invalid(match e.span() {
                 Some(_) => e.to_string(),
                 // toml's recursion limit on dotted keys comes without a position.
                 None => match deepest_key_line(text) {
@@ -539,8 +325,11 @@ impl Config {
                     ),
                     None => e.to_string(),
                 },
-            },
-        })
+            })
+        })?;
+        // The same text parsed (successfully) as plain TOML, to see which keys it writes.
+        let table: toml::Table = text.parse().unwrap_or_default();
+        file.resolve(&table).map_err(invalid)
     }
 
     /// Reads `explicit` if given (it must exist), else [`DEFAULT_PATH`] if it exists, else the
@@ -587,26 +376,54 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Applies command-line overrides, validating them like file values.
+    /// The board named `name`.
+    pub fn board(&self, name: &str) -> Option<&BoardConfig> {
+        self.boards.iter().find(|b| b.name == name)
+    }
+
+    /// Applies command-line overrides, validating them like file values. `--baud` applies to
+    /// every board; the others name one board's device, ports or lines, so they need a
+    /// configuration with one board.
     pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
-        if let Some(device) = &o.device {
-            self.serial.device = device.clone();
-        }
-        if !o.listen.is_empty() {
-            self.network.listen = o.listen.clone();
-        }
-        if !o.raw_listen.is_empty() {
-            self.network.raw_listen = o.raw_listen.clone();
-        }
         if let Some(baud) = o.baud {
-            self.serial.baud =
+            let baud =
                 BaudRate::try_from(i64::from(baud)).map_err(|detail| ConfigError::Override {
                     flag: "--baud",
                     detail,
                 })?;
+            for b in &mut self.boards {
+                b.serial.baud = baud.clone();
+            }
+        }
+        let per_board = [
+            ("--device", o.device.is_some()),
+            ("--listen", !o.listen.is_empty()),
+            ("--raw-listen", !o.raw_listen.is_empty()),
+            ("--control", o.control.is_some()),
+        ];
+        let board = match self.boards.as_mut_slice() {
+            [only] => only,
+            _ => {
+                return match per_board.iter().find(|(_, given)| *given) {
+                    Some((flag, _)) => Err(ConfigError::Override {
+                        flag,
+                        detail: "the configuration has several boards; set each board's device, ports and lines in its [[board]] table".into(),
+                    }),
+                    None => Ok(()),
+                };
+            }
+        };
+        if let Some(device) = &o.device {
+            board.serial.device = device.clone();
+        }
+        if !o.listen.is_empty() {
+            board.listen = o.listen.clone();
+        }
+        if !o.raw_listen.is_empty() {
+            board.raw_listen = o.raw_listen.clone();
         }
         if let Some(control) = o.control {
-            self.control.backend = control;
+            board.control.backend = control;
         }
         Ok(())
     }
@@ -626,15 +443,20 @@ mod tests {
     fn empty_file_gives_defaults() {
         let c = Config::parse("", Path::new("x")).unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.serial.device, PathBuf::from("/dev/serial0"));
-        assert_eq!(c.control.gpio.reset, LineSpec::Name("GPIO22".into()));
+        assert_eq!(c.boards.len(), 1);
+        assert_eq!(c.boards[0].name, "default");
+        assert_eq!(c.boards[0].serial.device, PathBuf::from("/dev/serial0"));
+        assert_eq!(
+            c.boards[0].control.gpio.reset,
+            LineSpec::Name("GPIO22".into())
+        );
     }
 
     /// The shipped file says "a missing key takes the default shown here": every key of the
     /// configuration is in it, with exactly the code's default value.
     #[test]
     fn the_shipped_file_is_the_built_in_defaults_key_for_key() {
-        let text = include_str!("../config/esp-bridge.toml");
+        let text = include_str!("../../config/esp-bridge.toml");
         let shipped = Config::parse(text, Path::new("config/esp-bridge.toml")).unwrap();
         assert_eq!(shipped, Config::default(), "values differ");
         let keys_of = |t: &toml::Table| {
@@ -653,7 +475,7 @@ mod tests {
             out
         };
         let shipped_keys = keys_of(&text.parse::<toml::Table>().unwrap());
-        let default_keys = keys_of(&toml::Table::try_from(Config::default()).unwrap());
+        let default_keys = keys_of(&toml::Table::try_from(FileConfig::default()).unwrap());
         assert_eq!(shipped_keys, default_keys, "keys differ");
     }
 
@@ -697,7 +519,7 @@ mod tests {
             Path::new("x"),
         )
         .unwrap();
-        assert_eq!(c.control.gpio.reset, LineSpec::Offset(5));
+        assert_eq!(c.boards[0].control.gpio.reset, LineSpec::Offset(5));
     }
 
     #[test]
@@ -711,9 +533,9 @@ mod tests {
             control: Some(ControlBackend::None),
         })
         .unwrap();
-        assert_eq!(c.serial.device, PathBuf::from("/dev/ttyUSB1"));
-        assert_eq!(c.network.listen.len(), 1);
-        assert_eq!(c.serial.baud.0, 921_600);
+        assert_eq!(c.boards[0].serial.device, PathBuf::from("/dev/ttyUSB1"));
+        assert_eq!(c.boards[0].listen.len(), 1);
+        assert_eq!(c.boards[0].serial.baud.0, 921_600);
         let bad = c.apply(&Overrides {
             baud: Some(0),
             ..Default::default()
@@ -733,5 +555,132 @@ mod tests {
             e.contains("/nonexistent/x.toml") && e.contains("hint"),
             "{e}"
         );
+    }
+
+    const TWO_BOARDS: &str = r#"
+[serial]
+baud = 230400
+
+[control]
+after_disconnect = "release"
+
+[[board]]
+name = "lab1"
+device = "/dev/serial/by-path/platform-usb-0:1.1:1.0-port0"
+listen = ["0.0.0.0:2217"]
+raw_listen = ["0.0.0.0:2218"]
+[board.control]
+backend = "modem"
+
+[[board]]
+name = "lab2"
+device = "/dev/serial/by-uart/uart3"
+listen = ["0.0.0.0:2219"]
+raw_listen = ["0.0.0.0:2220"]
+[board.serial]
+baud = 115200
+[board.control.gpio]
+reset = "GPIO5"
+boot = "GPIO6"
+"#;
+
+    #[test]
+    fn boards_take_what_they_do_not_set_from_the_shared_sections() {
+        let c = Config::parse(TWO_BOARDS, Path::new("x")).unwrap();
+        let names: Vec<&str> = c.boards.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["lab1", "lab2"]);
+        let (a, b) = (&c.boards[0], &c.boards[1]);
+        assert_eq!(a.serial.baud.0, 230_400, "from [serial]");
+        assert_eq!(b.serial.baud.0, 115_200, "its own");
+        assert_eq!(a.control.backend, ControlBackend::Modem);
+        assert_eq!(b.control.backend, ControlBackend::Gpio, "the default");
+        assert_eq!(a.control.after_disconnect, AfterDisconnect::Release);
+        assert_eq!(b.control.gpio.reset, LineSpec::Name("GPIO5".into()));
+        assert_eq!(b.control.gpio.drive, Drive::OpenDrain, "the default");
+        assert_eq!(b.listen, ["0.0.0.0:2219".parse().unwrap()]);
+        // Written out again, it reads back the same.
+        let text = c.to_toml();
+        assert_eq!(Config::parse(&text, Path::new("y")).unwrap(), c, "{text}");
+        // Each board says everything; no shared section shows defaults that nothing uses.
+        assert!(
+            !text.contains("[serial]") && !text.contains("[control]"),
+            "{text}"
+        );
+        assert!(text.contains("after_disconnect = \"release\""), "{text}");
+    }
+
+    #[test]
+    fn what_two_boards_may_not_share_is_an_error_naming_both() {
+        let cases = [
+            (
+                "name = \"lab2\"",
+                "name = \"lab1\"",
+                "two boards are named lab1",
+            ),
+            (
+                "device = \"/dev/serial/by-uart/uart3\"",
+                "device = \"/dev/serial/by-path/platform-usb-0:1.1:1.0-port0\"",
+                "both use device",
+            ),
+            (
+                "\"0.0.0.0:2219\"",
+                "\"127.0.0.1:2217\"",
+                "both use port 2217",
+            ),
+            (
+                "reset = \"GPIO5\"",
+                "reset = \"GPIO10\"",
+                "both use GPIO line GPIO10",
+            ),
+        ];
+        let with_gpio = TWO_BOARDS.replace("backend = \"modem\"", "backend = \"gpio\"");
+        for (from, to, said) in cases {
+            let text = with_gpio.replacen(from, to, 1);
+            let e = Config::parse(&text, Path::new("/etc/esp-bridge.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(said), "{said}: {e}");
+            assert!(e.contains("/etc/esp-bridge.toml"), "{e}");
+        }
+        let e = err("[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\n");
+        assert!(e.contains("board a has no port"), "{e}");
+        let e =
+            err("[[board]]\nname = \"a b\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\n");
+        assert!(e.contains("not valid") && e.contains("line 2"), "{e}");
+        let e = err("[[board]]\nname = \"a\"\nlisten = [\"0.0.0.0:1\"]\n");
+        assert!(e.contains("device"), "{e}");
+        let e = err(
+            "[serial]\ndevice = \"/dev/ttyUSB9\"\n[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\n",
+        );
+        assert!(
+            e.contains("[serial] device is set") && e.contains("every board has its own"),
+            "{e}"
+        );
+        let e = err(
+            "[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\nraw_listen = [\"127.0.0.1:1\"]\n",
+        );
+        assert!(e.contains("board a uses port 1 twice"), "{e}");
+    }
+
+    #[test]
+    fn flags_naming_one_board_need_a_configuration_with_one() {
+        let mut c = Config::parse(TWO_BOARDS, Path::new("x")).unwrap();
+        let e = c
+            .apply(&Overrides {
+                device: Some("/dev/ttyUSB0".into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--device") && e.contains("several boards"),
+            "{e}"
+        );
+        c.apply(&Overrides {
+            baud: Some(9600),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.boards.iter().all(|b| b.serial.baud.0 == 9600));
     }
 }
