@@ -452,6 +452,45 @@ mod tests {
         );
     }
 
+    /// The shipped file's commented-out [[board]] example, uncommented after removing the
+    /// one-board keys as its comment says, is a valid three-board configuration.
+    #[test]
+    fn the_shipped_boards_example_works_as_its_comment_says() {
+        let text = include_str!("../../config/esp-bridge.toml");
+        let (head, example) = text
+            .split_once("# Two boards on a Pi 4")
+            .expect("the example is there");
+        let mut file: Vec<String> = head
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("device =")
+                    || l.starts_with("listen =")
+                    || l.starts_with("raw_listen ="))
+            })
+            .map(str::to_string)
+            .collect();
+        for line in example.lines() {
+            let Some(rest) = line.strip_prefix("# ") else {
+                continue;
+            };
+            let is_toml = rest.starts_with('[')
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            if is_toml {
+                file.push(rest.to_string());
+            }
+        }
+        let c = Config::parse(&file.join("\n"), Path::new("example")).expect("valid example");
+        let names: Vec<&str> = c.boards.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["lab1", "lab2", "devkit"]);
+        assert_eq!(c.boards[2].control.backend, ControlBackend::Modem);
+        assert_eq!(
+            c.boards[1].control.gpio.reset,
+            LineSpec::Name("GPIO17".into())
+        );
+    }
+
     /// The shipped file says "a missing key takes the default shown here": every key of the
     /// configuration is in it, with exactly the code's default value.
     #[test]
