@@ -209,10 +209,14 @@ def test_units_socket_started_service_only_by_it(amd64_files):
     # daemon-reload (the generator) before the sockets restart.
     reload_at = postinst.index("systemctl daemon-reload")
     assert reload_at < postinst.index("deb-systemd-invoke restart esp-bridge.socket")
-    # Nothing starts the service itself; an upgrade only try-restarts what is running.
-    for line in postinst.splitlines():
-        if "esp-bridge.service" in line and "deb-systemd-invoke" in line:
-            assert "try-restart" in line, line
+    # Nothing starts the service itself: a running one may be stopped (it keeps the sockets it
+    # was given, so it stops before the sockets restart) or try-restarted, and the next
+    # connection starts it again.
+    service_lines = [line for line in postinst.splitlines() if "esp-bridge.service" in line and "deb-systemd-invoke" in line]
+    for line in service_lines:
+        assert re.search(r"deb-systemd-invoke (stop|try-restart) ", line), line
+    stop_at = postinst.index("deb-systemd-invoke stop esp-bridge.service")
+    assert reload_at < stop_at < postinst.index("deb-systemd-invoke restart esp-bridge.socket")
     assert "deb-systemd-helper enable esp-bridge.service" not in postinst
     prerm = control_file("amd64", "prerm").decode()
     assert "deb-systemd-invoke stop esp-bridge.service esp-bridge.socket" in prerm
