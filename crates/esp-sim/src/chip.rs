@@ -12,6 +12,13 @@
 //! chip prints the ROM banner at 115200 and enters download mode or the
 //! application. Software resets (the stub's or ROM's "reboot") boot again as
 //! latched. Every reset puts the UART back at 115200.
+//!
+//! Line model: a byte is judged when it is read from the port, i.e. when it
+//! arrives at the chip's UART (paced: about when its wire time has passed),
+//! against the rate the UART has at that moment: so while a stub waits
+//! before switching rates, what arrives is received at the old rate. Output
+//! keeps the rate it was queued at. Bytes sent faster than the wiring's
+//! limit (`max_baud`) arrive garbled either way.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -24,7 +31,10 @@ use super::loader::{Effect, Env, Loader, ResetKind};
 use super::port::Port;
 use super::slip::{self, Decoded};
 use super::uart;
-use super::{BootMode, ChipMode, Direction, Level, PinChange, Shared, SimConfig, SimEventKind};
+use super::{
+    BootMode, ChipMode, Direction, Level, NO_BAUD, PinChange, Shared, SimConfig, SimEventKind,
+    StubKind,
+};
 
 /// The ESP32 ROM's UART rate after any reset (40 MHz crystal).
 pub const BOOT_BAUD: u32 = 115_200;
@@ -105,6 +115,8 @@ struct RxChunk {
     pos: usize,
     garbled: bool,
     ready_at: Instant,
+    /// The chip's rate when these bytes arrived.
+    baud: u32,
 }
 
 pub(super) struct Chip {
@@ -113,6 +125,8 @@ pub(super) struct Chip {
     pace: bool,
     flash_file: Option<PathBuf>,
     power_on: BootMode,
+    stub: Option<StubKind>,
+    max_baud: Option<u32>,
     start: Instant,
     run: Run,
     latched: BootMode,
@@ -139,6 +153,8 @@ impl Chip {
             pace: cfg.pace,
             flash_file: cfg.flash_file.clone(),
             power_on: cfg.power_on,
+            stub: cfg.stub,
+            max_baud: cfg.max_baud,
             start,
             run: Run::Held,
             latched: cfg.power_on,
@@ -317,7 +333,7 @@ impl Chip {
                 );
                 self.send(text.into_bytes());
                 self.run = Run::Download {
-                    loader: Box::new(Loader::rom()),
+                    loader: Box::new(Loader::rom(self.stub)),
                     slip: slip::Decoder::new(),
                 };
                 self.set_mode(ChipMode::Download, at);
@@ -371,7 +387,18 @@ impl Chip {
                 Effect::FlashWork(d) => self.flash_idle_at = self.flash_idle_at.max(now) + d,
                 Effect::WaitFlash => self.busy_until = self.busy_until.max(self.flash_idle_at),
                 Effect::SetBaud(b) => self.set_baud(b, now),
-                Effect::StubStarted => self.set_mode(ChipMode::Stub, now),
+                Effect::WaitTxIdle => {
+                    if !self.tx_idle(now) {
+                        // Tried again when output moves (see next_deadline).
+                        self.pending.push_front(Effect::WaitTxIdle);
+                        return;
+                    }
+                }
+                Effect::StubStarted(kind, by) => {
+                    self.set_mode(ChipMode::Stub, now);
+                    self.shared.record(now, SimEventKind::Stub { kind, by });
+                }
+                Effect::Record(kind) => self.shared.record(now, kind),
                 Effect::Reset(kind) => {
                     self.software_reset(kind, now);
                     return;
@@ -380,30 +407,85 @@ impl Chip {
         }
     }
 
+    /// Whether everything queued has left the UART.
+    fn tx_idle(&self, now: Instant) -> bool {
+        self.out.is_empty() && (!self.pace || self.tx_free_at <= now)
+    }
+
+    /// The wiring's limit, if bytes sent at `sender_baud` exceed it.
+    fn over_limit(&self, sender_baud: u32) -> Option<u32> {
+        self.max_baud.filter(|&max| sender_baud > max)
+    }
+
+    /// What a receiver at `rx_baud` gets of `bytes` sent at `tx_baud`, and
+    /// whether that is garbled; records and counts the wrong rate or the
+    /// overrun wiring limit.
+    fn cross_line(
+        &self,
+        dir: Direction,
+        bytes: &[u8],
+        tx_baud: u32,
+        rx_baud: u32,
+        now: Instant,
+    ) -> Option<Vec<u8>> {
+        let (chip_baud, host_baud) = match dir {
+            Direction::Rx => (rx_baud, tx_baud),
+            Direction::Tx => (tx_baud, rx_baud),
+        };
+        let wrong = !rates_match(tx_baud, rx_baud);
+        let over = self.over_limit(tx_baud);
+        if !wrong && over.is_none() {
+            return None;
+        }
+        let n = bytes.len();
+        if wrong {
+            let counter = match dir {
+                Direction::Rx => &self.shared.wrong_baud_rx,
+                Direction::Tx => &self.shared.wrong_baud_tx,
+            };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            let kind = SimEventKind::WrongBaud {
+                dir,
+                chip_baud,
+                host_baud,
+                bytes: n,
+            };
+            self.shared.record(now, kind);
+        }
+        if let Some(max_baud) = over {
+            let counter = match dir {
+                Direction::Rx => &self.shared.over_max_baud_rx,
+                Direction::Tx => &self.shared.over_max_baud_tx,
+            };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            let kind = SimEventKind::OverMaxBaud {
+                dir,
+                chip_baud,
+                host_baud,
+                max_baud,
+                bytes: n,
+            };
+            self.shared.record(now, kind);
+        }
+        Some(match over {
+            Some(max) => uart::through_slow_wire(bytes, tx_baud, rx_baud, max),
+            None => uart::garble(bytes, tx_baud, rx_baud),
+        })
+    }
+
     /// Takes bytes read from the master: checks them against the rate the
-    /// chip listens at, and queues them for when they have "arrived".
+    /// chip listens at (and the wiring's limit), and queues them for when
+    /// they have "arrived".
     fn receive(&mut self, bytes: &[u8], now: Instant) {
         if matches!(self.run, Run::Held | Run::Booting { .. }) {
             // In reset the UART is not listening.
             return;
         }
         let host_rate = self.host_baud();
-        let (data, garbled) = if host_rate != self.baud {
-            self.shared
-                .wrong_baud_rx
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.shared.record(
-                now,
-                SimEventKind::WrongBaud {
-                    dir: Direction::Rx,
-                    chip_baud: self.baud,
-                    host_baud: host_rate,
-                    bytes: bytes.len(),
-                },
-            );
-            (uart::garble(bytes, host_rate, self.baud), true)
-        } else {
-            (bytes.to_vec(), false)
+        let (data, garbled) = match self.cross_line(Direction::Rx, bytes, host_rate, self.baud, now)
+        {
+            Some(garbage) => (garbage, true),
+            None => (bytes.to_vec(), false),
         };
         let ready_at = if self.pace {
             let at = self.rx_free_at.max(now) + uart::wire_time(bytes.len(), host_rate);
@@ -422,6 +504,7 @@ impl Chip {
             pos: 0,
             garbled,
             ready_at,
+            baud: self.baud,
         });
     }
 
@@ -438,6 +521,7 @@ impl Chip {
                 return;
             }
             let garbled = chunk.garbled;
+            let arrived_at_baud = chunk.baud;
             let rest = &chunk.bytes[chunk.pos..];
             let mut used = rest.len();
             let mut echo = Vec::new();
@@ -455,6 +539,14 @@ impl Chip {
                                 .fetch_add(1, Ordering::Relaxed);
                         }
                         if let Some(Decoded::Frame(frame)) = decoded {
+                            if let Some((op, len)) = loader.command_of(&frame) {
+                                let kind = SimEventKind::Command {
+                                    op,
+                                    len,
+                                    baud: arrived_at_baud,
+                                };
+                                self.shared.record(now, kind);
+                            }
                             let env = Env {
                                 baud: self.baud,
                                 io0_high_at_boot: self.latched == BootMode::App,
@@ -505,29 +597,18 @@ impl Chip {
     /// decode at its current rate, and pacing it if asked to.
     fn transmit(&mut self, now: Instant) {
         let host_rx = self.port.host_baud();
-        while let Some(chunk) = self.out.front_mut() {
-            if !chunk.checked {
-                chunk.checked = true;
-                if let Some(host) = host_rx.filter(|&h| h != chunk.baud) {
-                    let n = chunk.bytes.len() - chunk.pos;
-                    self.shared
-                        .wrong_baud_tx
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.shared.record(
-                        now,
-                        SimEventKind::WrongBaud {
-                            dir: Direction::Tx,
-                            chip_baud: chunk.baud,
-                            host_baud: host,
-                            bytes: n,
-                        },
-                    );
-                    let garbage = uart::garble(&chunk.bytes[chunk.pos..], chunk.baud, host);
-                    self.out_len = self.out_len - n + garbage.len();
-                    chunk.bytes = garbage;
-                    chunk.pos = 0;
+        while let Some(front) = self.out.front() {
+            if !front.checked {
+                self.check_front(host_rx, now);
+                if self.out.front().is_some_and(|c| c.bytes.is_empty()) {
+                    // Nothing the host could decode.
+                    self.out.pop_front();
+                    continue;
                 }
             }
+            let Some(chunk) = self.out.front_mut() else {
+                return;
+            };
             let rest = chunk.bytes.len() - chunk.pos;
             let n = if self.pace {
                 rest.min(slice_bytes(chunk.baud))
@@ -561,6 +642,26 @@ impl Chip {
         }
     }
 
+    /// Judges the first queued chunk, once, against the host's rate (where
+    /// the port cannot tell it, the chip's) and the wiring's limit.
+    fn check_front(&mut self, host_rx: Option<u32>, now: Instant) {
+        let Some(chunk) = self.out.front() else {
+            return;
+        };
+        let host = host_rx.unwrap_or(chunk.baud);
+        let rest = &chunk.bytes[chunk.pos..];
+        let garbage = self.cross_line(Direction::Tx, rest, chunk.baud, host, now);
+        let Some(chunk) = self.out.front_mut() else {
+            return;
+        };
+        chunk.checked = true;
+        if let Some(garbage) = garbage {
+            self.out_len = self.out_len - (chunk.bytes.len() - chunk.pos) + garbage.len();
+            chunk.bytes = garbage;
+            chunk.pos = 0;
+        }
+    }
+
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| {
@@ -574,7 +675,15 @@ impl Chip {
             _ => {}
         }
         if !self.pending.is_empty() {
-            consider(self.busy_until);
+            let waits_for_tx =
+                matches!(self.pending.front(), Some(Effect::WaitTxIdle)) && self.busy_until <= now;
+            if !waits_for_tx {
+                consider(self.busy_until);
+            } else if self.pace && self.out.is_empty() {
+                // The last paced byte is still on the wire. (Output still
+                // queued wakes the poll once written, or at tx_free_at below.)
+                consider(self.tx_free_at);
+            }
         }
         if let Some(chunk) = self.rx.front() {
             consider(chunk.ready_at.max(self.busy_until));
@@ -609,6 +718,12 @@ impl Chip {
             tracing::warn!("virtual ESP32: saving flash to {}: {e}", path.display());
         }
     }
+}
+
+/// Whether a receiver at `rx` understands a sender at `tx`; never at
+/// [`NO_BAUD`].
+fn rates_match(tx: u32, rx: u32) -> bool {
+    tx == rx && tx != NO_BAUD
 }
 
 /// How many bytes take about [`PACE_SLICE`] on the wire at `baud`.

@@ -1,7 +1,7 @@
 //! The simulator's command line (`esp-sim`, and `esp-bridge sim`): one virtual ESP32 on a
 //! pseudo-terminal or a unix socket until SIGTERM or SIGINT.
 
-use crate::{BootMode, Esp32Sim, SimConfig};
+use crate::{BootMode, Esp32Sim, SimConfig, StubKind};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -12,7 +12,10 @@ pub struct SimArgs {
     /// What the chip does at power-on
     #[arg(long, value_enum, default_value = "download")]
     boot: SimBoot,
-    /// Append the chip's pin and mode events to this file (JSON lines)
+    /// Append the chip's events to this file, one JSON object a line: pins ("en", "io0"), "mode",
+    /// "baud", "wrong_baud", "over_max_baud", "stub" (which stub an upload is taken for),
+    /// "change_baudrate" (its arguments and resulting rate, 0 = no host can match it) and
+    /// "command" (every loader command with the rate it arrived at)
     #[arg(long, value_name = "PATH")]
     event_log: Option<PathBuf>,
     /// Keep the flash in this file
@@ -30,6 +33,27 @@ pub struct SimArgs {
     /// pins at once (either alone keeps the other), `get` reads them; answers `ok`
     #[arg(long, value_name = "PATH")]
     control_unix: Option<PathBuf>,
+    /// Which flasher stub an upload is taken for. They differ in CHANGE_BAUDRATE (new rate, old
+    /// rate): the legacy stub (esptool <= 5.2) sets current rate x new / old, so a wrong old rate
+    /// gives a wrong rate; esp-flasher-stub (esptool >= 5.3) sets the new rate. auto: by the
+    /// address the stub's text is loaded at (ESP32: 0x400be000 legacy, 0x400a8000
+    /// esp-flasher-stub; anything else counts as legacy)
+    #[arg(long, value_enum, default_value = "auto")]
+    stub: SimStub,
+    /// The fastest rate the wiring carries (a Pi UART, adapter or cable): while the chip's UART
+    /// runs faster, every byte in both directions arrives garbled (event "over_max_baud")
+    #[arg(long, value_name = "BAUD", value_parser = clap::value_parser!(u32).range(1..))]
+    max_baud: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SimStub {
+    /// By the upload address
+    Auto,
+    /// esptool-legacy-flasher-stub
+    Legacy,
+    /// esp-flasher-stub
+    Flasher,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -53,6 +77,12 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         link: args.link,
         connect_unix: args.connect_unix,
         control_unix: args.control_unix,
+        stub: match args.stub {
+            SimStub::Auto => None,
+            SimStub::Legacy => Some(StubKind::Legacy),
+            SimStub::Flasher => Some(StubKind::Flasher),
+        },
+        max_baud: args.max_baud,
         ..SimConfig::default()
     }) {
         Ok(sim) => sim,

@@ -9,7 +9,20 @@
 //! a boot log and a periodic log line, a UART with its own baud rate that
 //! garbles whatever the host sends or expects at another rate, and a flash
 //! chip that can persist to a file. Everything observable (pin edges, mode
-//! changes, baud changes, wrong-rate traffic) is recorded as [`SimEvent`]s.
+//! changes, baud changes, wrong-rate traffic, every loader command with the
+//! rate it arrived at) is recorded as [`SimEvent`]s.
+//!
+//! Two flasher stubs are modelled, because they change the baud rate
+//! differently and a bridge that runs the UART faster than its client asked
+//! must survive both ([`StubKind`]): the legacy stub (esptool up to 5.2)
+//! computes its new divider from the *old* rate the host names, so a wrong
+//! old rate gives a wrong rate; esp-flasher-stub (esptool 5.3 and later) sets
+//! the new rate as asked. Which one runs is decided from the address esptool
+//! uploaded it to, or forced with [`SimConfig::stub`] (`--stub`).
+//!
+//! A wiring limit ([`SimConfig::max_baud`], `--max-baud`) models a Pi UART,
+//! adapter or cable that cannot carry a rate: above it every byte either way
+//! arrives garbled ([`SimEventKind::OverMaxBaud`]).
 //!
 //! Layout: [`slip`], [`loader`], [`regs`], [`flash`], [`uart`] and [`app`]
 //! are pure and unit-tested; [`pty`], [`port`], [`control_socket`] and
@@ -92,6 +105,58 @@ impl ChipMode {
     }
 }
 
+/// The chip's UART rate when its divider matches no rate a host can set: a
+/// stub was told an old or new rate of 0 (the legacy stub then programs a
+/// zero divider, or divides by zero). Every byte either way is garbled
+/// until a reset brings the UART back to 115200.
+pub const NO_BAUD: u32 = 0;
+
+/// Which flasher stub the chip runs once esptool has uploaded one. They
+/// differ where a bridge can trip: CHANGE_BAUDRATE (new rate, old rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StubKind {
+    /// esptool-legacy-flasher-stub (uploaded by esptool up to 5.2; text at
+    /// 0x400be000 on the ESP32). Replies at the current rate, waits 10 ms,
+    /// then scales its divider by old/new: the new rate is the current one
+    /// x new / old, right only if "old" is the rate actually on the line.
+    /// Then 1 ms before it reads the next command.
+    Legacy,
+    /// esp-flasher-stub (preferred by esptool 5.3 and later; text at
+    /// 0x400a8000 on the ESP32). Replies, waits 5 ms and until its TX is
+    /// idle, sets the rate to "new" (the old one is ignored), waits 5 ms.
+    Flasher,
+}
+
+impl StubKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StubKind::Legacy => "legacy",
+            StubKind::Flasher => "flasher",
+        }
+    }
+}
+
+/// How the simulator decided which stub was uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StubDecidedBy {
+    /// A segment was loaded at that stub's text address.
+    Address,
+    /// Neither stub's text address was loaded: taken for the legacy stub.
+    Fallback,
+    /// Forced by [`SimConfig::stub`].
+    Config,
+}
+
+impl StubDecidedBy {
+    fn name(self) -> &'static str {
+        match self {
+            StubDecidedBy::Address => "address",
+            StubDecidedBy::Fallback => "fallback",
+            StubDecidedBy::Config => "config",
+        }
+    }
+}
+
 /// Which way bytes were travelling when the rates disagreed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -99,6 +164,15 @@ pub enum Direction {
     Rx,
     /// Chip to host: the host received garbage.
     Tx,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +184,8 @@ pub enum SimEventKind {
     /// The chip entered a mode: `Reset` when EN pulls it into reset (or a
     /// software reset starts), the others when they begin.
     Mode(ChipMode),
-    /// The chip's UART changed rate.
+    /// The chip's UART changed rate (`to` is [`NO_BAUD`] when no host can
+    /// match the new divider).
     Baud { from: u32, to: u32 },
     /// Bytes crossed the line while the chip and the host disagreed on the rate.
     WrongBaud {
@@ -118,6 +193,39 @@ pub enum SimEventKind {
         chip_baud: u32,
         host_baud: u32,
         bytes: usize,
+    },
+    /// Bytes were sent faster than the wiring carries ([`SimConfig::max_baud`]):
+    /// the receiver got garbage, whatever its rate. `dir` as for `WrongBaud`;
+    /// the sender's rate (the host's for rx, the chip's for tx) was above
+    /// `max_baud`.
+    OverMaxBaud {
+        dir: Direction,
+        chip_baud: u32,
+        host_baud: u32,
+        max_baud: u32,
+        bytes: usize,
+    },
+    /// A complete loader command frame reached the loader (ROM or stub): its
+    /// op, the length of its data (after the 8-byte header) and the chip's
+    /// UART rate when its last byte arrived. This is the evidence of what
+    /// rate a transfer ran at: the `FLASH_DATA`/`FLASH_DEFL_DATA`
+    /// (or `MEM_DATA`, `READ_FLASH`) events of a session carry the rate of
+    /// its bulk. Frames lost to garbling never get here. JSON:
+    /// `{"event":"command","op":"0x11","name":"FLASH_DEFL_DATA","len":16400,"baud":921600}`.
+    Command { op: u8, len: usize, baud: u32 },
+    /// MEM_END started an uploaded program, taken for this stub.
+    /// JSON: `{"event":"stub","kind":"legacy","by":"address"}`.
+    Stub { kind: StubKind, by: StubDecidedBy },
+    /// A CHANGE_BAUDRATE was accepted: by the ROM (`stub` None) or a stub,
+    /// with the arguments it got and the rate it will switch to ([`NO_BAUD`]
+    /// if no host can match it). The switch itself follows as a `Baud`
+    /// event after the loader's delay. JSON:
+    /// `{"event":"change_baudrate","loader":"legacy","new":921600,"old":115200,"rate":921600}`.
+    ChangeBaudrate {
+        stub: Option<StubKind>,
+        new: u32,
+        old: u32,
+        rate: u32,
     },
 }
 
@@ -145,17 +253,47 @@ impl SimEvent {
                 chip_baud,
                 host_baud,
                 bytes,
-            } => {
-                let dir = match dir {
-                    Direction::Rx => "rx",
-                    Direction::Tx => "tx",
-                };
-                write!(
-                    s,
-                    "\"event\":\"wrong_baud\",\"dir\":\"{dir}\",\"chip_baud\":{chip_baud},\
-                     \"host_baud\":{host_baud},\"bytes\":{bytes}"
-                )
-            }
+            } => write!(
+                s,
+                "\"event\":\"wrong_baud\",\"dir\":\"{}\",\"chip_baud\":{chip_baud},\
+                 \"host_baud\":{host_baud},\"bytes\":{bytes}",
+                dir.name()
+            ),
+            SimEventKind::OverMaxBaud {
+                dir,
+                chip_baud,
+                host_baud,
+                max_baud,
+                bytes,
+            } => write!(
+                s,
+                "\"event\":\"over_max_baud\",\"dir\":\"{}\",\"chip_baud\":{chip_baud},\
+                 \"host_baud\":{host_baud},\"max_baud\":{max_baud},\"bytes\":{bytes}",
+                dir.name()
+            ),
+            SimEventKind::Command { op, len, baud } => write!(
+                s,
+                "\"event\":\"command\",\"op\":\"0x{op:02x}\",\"name\":\"{}\",\"len\":{len},\
+                 \"baud\":{baud}",
+                loader::op_name(*op)
+            ),
+            SimEventKind::Stub { kind, by } => write!(
+                s,
+                "\"event\":\"stub\",\"kind\":\"{}\",\"by\":\"{}\"",
+                kind.name(),
+                by.name()
+            ),
+            SimEventKind::ChangeBaudrate {
+                stub,
+                new,
+                old,
+                rate,
+            } => write!(
+                s,
+                "\"event\":\"change_baudrate\",\"loader\":\"{}\",\"new\":{new},\"old\":{old},\
+                 \"rate\":{rate}",
+                stub.map_or("rom", StubKind::name)
+            ),
         };
         s.push('}');
         s
@@ -183,6 +321,16 @@ pub struct SimConfig {
     /// Listen on this unix socket for strap changes (`en=low io0=high`),
     /// see [`control_socket`].
     pub control_unix: Option<PathBuf>,
+    /// Which stub the uploaded program is taken for; `None` (auto): decided
+    /// at MEM_END from where it was loaded, see [`StubKind`] and
+    /// [`SimEventKind::Stub`].
+    pub stub: Option<StubKind>,
+    /// The fastest rate the wiring between host and chip carries. Bytes sent
+    /// faster (in practice: whenever the chip's UART runs above it) arrive
+    /// garbled in both directions (the line cannot follow pulses shorter
+    /// than a bit at this rate; see the `uart` module), recorded as
+    /// [`SimEventKind::OverMaxBaud`]. `None`: no limit.
+    pub max_baud: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -196,6 +344,8 @@ impl Default for SimConfig {
             flash_file: None,
             connect_unix: None,
             control_unix: None,
+            stub: None,
+            max_baud: None,
         }
     }
 }
@@ -230,6 +380,8 @@ struct Shared {
     wrong_baud_rx: AtomicU64,
     wrong_baud_tx: AtomicU64,
     wrong_baud_frames: AtomicU64,
+    over_max_baud_rx: AtomicU64,
+    over_max_baud_tx: AtomicU64,
 }
 
 impl Shared {
@@ -370,6 +522,8 @@ impl Esp32Sim {
             wrong_baud_rx: AtomicU64::new(0),
             wrong_baud_tx: AtomicU64::new(0),
             wrong_baud_frames: AtomicU64::new(0),
+            over_max_baud_rx: AtomicU64::new(0),
+            over_max_baud_tx: AtomicU64::new(0),
         });
         let control = match &cfg.control_unix {
             Some(path) => {
@@ -437,7 +591,8 @@ impl Esp32Sim {
         self.shared.wrong_baud_rx.load(Ordering::Relaxed)
     }
 
-    /// Loader frames lost because some of their bytes came at the wrong rate.
+    /// Loader frames lost because some of their bytes came garbled (at the
+    /// wrong rate, or over the wiring's limit).
     pub fn wrong_baud_frames(&self) -> u64 {
         self.shared.wrong_baud_frames.load(Ordering::Relaxed)
     }
@@ -445,6 +600,16 @@ impl Esp32Sim {
     /// Bytes the chip sent while the host listened at another rate.
     pub fn wrong_baud_tx_bytes(&self) -> u64 {
         self.shared.wrong_baud_tx.load(Ordering::Relaxed)
+    }
+
+    /// Bytes from the host sent faster than [`SimConfig::max_baud`] (all garbled).
+    pub fn over_max_baud_bytes(&self) -> u64 {
+        self.shared.over_max_baud_rx.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the chip sent faster than [`SimConfig::max_baud`] (all garbled).
+    pub fn over_max_baud_tx_bytes(&self) -> u64 {
+        self.shared.over_max_baud_tx.load(Ordering::Relaxed)
     }
 
     /// A copy of the whole flash content.
@@ -456,7 +621,7 @@ impl Esp32Sim {
         self.shared.lock().mode
     }
 
-    /// The chip's current UART rate.
+    /// The chip's current UART rate ([`NO_BAUD`] if no host can match it).
     pub fn baud(&self) -> u32 {
         self.shared.lock().baud
     }
@@ -573,6 +738,455 @@ mod tests {
             .find(|e| &e.kind == kind)
             .map(|e| e.t_us)
             .unwrap_or_else(|| panic!("no {kind:?} in {:?}", sim.events()))
+    }
+
+    /// Polls `cond` for up to two seconds.
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(2), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn has_event(sim: &Esp32Sim, kind: &SimEventKind) -> bool {
+        sim.events().iter().any(|e| &e.kind == kind)
+    }
+
+    /// A stub's reply to `op` with nothing in it: value 0, two status bytes 0.
+    fn stub_ok(op: u8) -> [u8; 12] {
+        [0xC0, 1, op, 2, 0, 0, 0, 0, 0, 0, 0, 0xC0]
+    }
+
+    /// Uploads a small program at `text` through the ROM, as esptool uploads
+    /// a stub, and waits for its OHAI.
+    fn upload_stub(host: &mut File, text: u32) {
+        let body = [0x11u8; 64];
+        host.write_all(&command(
+            loader::op::MEM_BEGIN,
+            &words(&[64, 1, 0x1800, text]),
+            0,
+        ))
+        .unwrap();
+        read_until(host, &[0xC0, 1, 5], Duration::from_secs(1));
+        let mut d = words(&[64, 0, 0, 0]);
+        d.extend_from_slice(&body);
+        let chk = u32::from(loader::checksum(&body));
+        host.write_all(&command(loader::op::MEM_DATA, &d, chk))
+            .unwrap();
+        read_until(host, &[0xC0, 1, 7], Duration::from_secs(1));
+        host.write_all(&command(loader::op::MEM_END, &words(&[0, text + 0x10]), 0))
+            .unwrap();
+        let out = read_until(host, b"\xC0OHAI\xC0", Duration::from_secs(1));
+        assert!(contains(&out, b"\xC0OHAI\xC0"), "{out:?}");
+    }
+
+    /// A sim in download mode with a host at 115200 past the ROM banner.
+    fn download_sim(cfg: SimConfig) -> (Esp32Sim, File) {
+        let sim = Esp32Sim::start(SimConfig {
+            power_on: BootMode::Download,
+            ..cfg
+        })
+        .unwrap();
+        let host = open_host(sim.device_path(), 115_200);
+        wait_mode(&sim, ChipMode::Download);
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(1));
+        (sim, host)
+    }
+
+    fn change_baud(new: u32, old: u32) -> Vec<u8> {
+        command(loader::op::CHANGE_BAUDRATE, &words(&[new, old]), 0)
+    }
+
+    #[test]
+    fn legacy_stub_takes_the_old_rate_it_is_told_for_the_truth() {
+        let (sim, mut host) = download_sim(SimConfig::default());
+        upload_stub(&mut host, loader::LEGACY_STUB_TEXT);
+        assert_eq!(sim.mode(), ChipMode::Stub);
+        assert!(has_event(
+            &sim,
+            &SimEventKind::Stub {
+                kind: StubKind::Legacy,
+                by: StubDecidedBy::Address
+            }
+        ));
+        // The right old rate. A SYNC sent right behind it arrives while the
+        // stub still waits, so at the old rate: understood, but answered at
+        // the new one, which the host (still at 115200) cannot read.
+        let mut both = change_baud(921_600, 115_200);
+        both.extend_from_slice(&sync());
+        host.write_all(&both).unwrap();
+        let out = read_until(
+            &host,
+            &stub_ok(loader::op::CHANGE_BAUDRATE),
+            Duration::from_secs(1),
+        );
+        assert!(
+            contains(&out, &stub_ok(loader::op::CHANGE_BAUDRATE)),
+            "{out:?}"
+        );
+        let sync_at = |baud| SimEventKind::Command {
+            op: loader::op::SYNC,
+            len: 36,
+            baud,
+        };
+        wait_for("the SYNC", || has_event(&sim, &sync_at(115_200)));
+        assert_eq!(sim.baud(), 921_600);
+        let asked = event_time(
+            &sim,
+            &SimEventKind::ChangeBaudrate {
+                stub: Some(StubKind::Legacy),
+                new: 921_600,
+                old: 115_200,
+                rate: 921_600,
+            },
+        );
+        let switched = event_time(
+            &sim,
+            &SimEventKind::Baud {
+                from: 115_200,
+                to: 921_600,
+            },
+        );
+        assert!(switched >= asked + 10_000, "{asked} -> {switched}");
+        let out = read_until(&host, b"", Duration::from_millis(100));
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        wait_for("garbled replies", || sim.wrong_baud_tx_bytes() > 0);
+        assert_eq!(sim.wrong_baud_bytes(), 0);
+
+        // At the new rate the stub answers.
+        let mut host = open_host(sim.device_path(), 921_600);
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &stub_ok(8), Duration::from_secs(1));
+        assert!(contains(&out, &stub_ok(8)), "{out:?}");
+        assert!(has_event(&sim, &sync_at(921_600)));
+
+        // A wrong old rate (what a client that does not know the line was
+        // switched under it sends): 921600 x 921600 / 115200.
+        host.write_all(&change_baud(921_600, 115_200)).unwrap();
+        let out = read_until(
+            &host,
+            &stub_ok(loader::op::CHANGE_BAUDRATE),
+            Duration::from_secs(1),
+        );
+        assert!(
+            contains(&out, &stub_ok(loader::op::CHANGE_BAUDRATE)),
+            "the reply still comes at the old rate: {out:?}"
+        );
+        wait_for("the wrong rate", || sim.baud() == 7_372_800);
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(150));
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        assert!(sim.wrong_baud_bytes() > 0);
+        // A reset brings back the ROM at 115200.
+        sim.pins().set(Level::Low, Level::High);
+        wait_for("the reset", || sim.baud() == 115_200);
+    }
+
+    #[test]
+    fn legacy_stub_told_an_old_rate_of_zero_is_lost_until_reset() {
+        let (sim, mut host) = download_sim(SimConfig::default());
+        upload_stub(&mut host, loader::LEGACY_STUB_TEXT);
+        host.write_all(&change_baud(921_600, 0)).unwrap();
+        let out = read_until(
+            &host,
+            &stub_ok(loader::op::CHANGE_BAUDRATE),
+            Duration::from_secs(1),
+        );
+        assert!(
+            contains(&out, &stub_ok(loader::op::CHANGE_BAUDRATE)),
+            "{out:?}"
+        );
+        wait_for("no rate", || sim.baud() == NO_BAUD);
+        assert!(has_event(
+            &sim,
+            &SimEventKind::Baud {
+                from: 115_200,
+                to: NO_BAUD
+            }
+        ));
+        assert!(has_event(
+            &sim,
+            &SimEventKind::ChangeBaudrate {
+                stub: Some(StubKind::Legacy),
+                new: 921_600,
+                old: 0,
+                rate: NO_BAUD
+            }
+        ));
+        for baud in [115_200, 921_600] {
+            let mut host = open_host(sim.device_path(), baud);
+            host.write_all(&sync()).unwrap();
+            let out = read_until(&host, b"", Duration::from_millis(150));
+            assert!(!contains(&out, &[0xC0, 1, 8]), "{baud}: {out:?}");
+        }
+        assert!(sim.wrong_baud_bytes() > 0);
+        sim.pins().set(Level::Low, Level::High);
+        wait_for("the reset", || sim.baud() == 115_200);
+    }
+
+    #[test]
+    fn flasher_stub_sets_the_new_rate_whatever_old_rate_it_is_told() {
+        let (sim, mut host) = download_sim(SimConfig::default());
+        upload_stub(&mut host, loader::FLASHER_STUB_TEXT);
+        assert!(has_event(
+            &sim,
+            &SimEventKind::Stub {
+                kind: StubKind::Flasher,
+                by: StubDecidedBy::Address
+            }
+        ));
+        host.write_all(&change_baud(921_600, 12_345)).unwrap();
+        let out = read_until(
+            &host,
+            &stub_ok(loader::op::CHANGE_BAUDRATE),
+            Duration::from_secs(1),
+        );
+        assert!(
+            contains(&out, &stub_ok(loader::op::CHANGE_BAUDRATE)),
+            "{out:?}"
+        );
+        wait_for("the new rate", || sim.baud() == 921_600);
+        let asked = event_time(
+            &sim,
+            &SimEventKind::ChangeBaudrate {
+                stub: Some(StubKind::Flasher),
+                new: 921_600,
+                old: 12_345,
+                rate: 921_600,
+            },
+        );
+        let switched = event_time(
+            &sim,
+            &SimEventKind::Baud {
+                from: 115_200,
+                to: 921_600,
+            },
+        );
+        assert!(switched >= asked + 5_000, "{asked} -> {switched}");
+        let mut host = open_host(sim.device_path(), 921_600);
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &stub_ok(8), Duration::from_secs(1));
+        assert!(contains(&out, &stub_ok(8)), "{out:?}");
+    }
+
+    #[test]
+    fn a_forced_stub_kind_overrides_the_upload_address() {
+        let (sim, mut host) = download_sim(SimConfig {
+            stub: Some(StubKind::Flasher),
+            ..SimConfig::default()
+        });
+        upload_stub(&mut host, loader::LEGACY_STUB_TEXT);
+        assert!(has_event(
+            &sim,
+            &SimEventKind::Stub {
+                kind: StubKind::Flasher,
+                by: StubDecidedBy::Config
+            }
+        ));
+        // So the old rate is ignored.
+        host.write_all(&change_baud(460_800, 1)).unwrap();
+        wait_for("the new rate", || sim.baud() == 460_800);
+    }
+
+    #[test]
+    fn above_the_wiring_limit_everything_is_garbled_both_ways() {
+        let dir = socket_dir("max-baud");
+        // On a socket the host is taken to follow the chip's rate, so only
+        // the wiring can spoil the bytes.
+        let (sim, mut host) = sim_on_socket(
+            &dir,
+            SimConfig {
+                power_on: BootMode::Download,
+                max_baud: Some(460_800),
+                ..SimConfig::default()
+            },
+        );
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(2));
+        // A SYNC right behind the switch arrives at 115200, but its replies
+        // leave at 921600: too fast for the wiring.
+        let mut both = change_baud(921_600, 0);
+        both.extend_from_slice(&sync());
+        host.write_all(&both).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(300));
+        assert!(
+            contains(&out, &[0xC0, 1, 0x0F, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xC0]),
+            "the reply at 115200 passes: {out:?}"
+        );
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        assert!(sim.over_max_baud_tx_bytes() > 0);
+        assert!(sim.events().iter().any(|e| matches!(
+            e.kind,
+            SimEventKind::OverMaxBaud {
+                dir: Direction::Tx,
+                chip_baud: 921_600,
+                host_baud: 921_600,
+                max_baud: 460_800,
+                ..
+            }
+        )));
+        // What the host sends at 921600 arrives garbled too.
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(300));
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        assert_eq!(sim.over_max_baud_bytes(), sync().len() as u64);
+        assert!(sim.events().iter().any(|e| matches!(
+            e.kind,
+            SimEventKind::OverMaxBaud {
+                dir: Direction::Rx,
+                chip_baud: 921_600,
+                host_baud: 921_600,
+                max_baud: 460_800,
+                ..
+            }
+        )));
+        assert!(
+            !sim.events()
+                .iter()
+                .any(|e| matches!(e.kind, SimEventKind::Command { baud: 921_600, .. })),
+            "no command got through at 921600"
+        );
+        assert_eq!(sim.wrong_baud_bytes(), 0, "the rates agreed");
+        drop(sim);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // At the limit itself the wiring is fine.
+        let dir = socket_dir("max-baud-ok");
+        let (sim, mut host) = sim_on_socket(
+            &dir,
+            SimConfig {
+                power_on: BootMode::Download,
+                max_baud: Some(921_600),
+                ..SimConfig::default()
+            },
+        );
+        read_until(&host, b"waiting for download\r\n", Duration::from_secs(2));
+        host.write_all(&change_baud(921_600, 0)).unwrap();
+        read_until(&host, &[0xC0, 1, 0x0F], Duration::from_secs(1));
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, &[0x55, 0, 0, 0, 0, 0xC0], Duration::from_secs(1));
+        assert!(contains(&out, &[0xC0, 1, 8, 4, 0]), "{out:?}");
+        assert_eq!(sim.over_max_baud_bytes() + sim.over_max_baud_tx_bytes(), 0);
+        drop(sim);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_wiring_limit_garbles_a_pty_host_at_the_chips_rate() {
+        let (sim, mut host) = download_sim(SimConfig {
+            max_baud: Some(230_400),
+            ..SimConfig::default()
+        });
+        host.write_all(&change_baud(460_800, 0)).unwrap();
+        read_until(&host, &[0xC0, 1, 0x0F], Duration::from_secs(1));
+        wait_for("the new rate", || sim.baud() == 460_800);
+        let mut host = open_host(sim.device_path(), 460_800);
+        host.write_all(&sync()).unwrap();
+        let out = read_until(&host, b"", Duration::from_millis(200));
+        assert!(!contains(&out, &[0xC0, 1, 8]), "{out:?}");
+        assert_eq!(sim.over_max_baud_bytes(), sync().len() as u64);
+        assert_eq!(sim.wrong_baud_bytes(), 0);
+    }
+
+    #[test]
+    fn every_command_is_recorded_with_the_rate_it_came_at() {
+        let (sim, mut host) = download_sim(SimConfig::default());
+        host.write_all(&command(loader::op::READ_REG, &words(&[0x4000_1000]), 0))
+            .unwrap();
+        read_until(&host, &[0xC0, 1, 0x0A], Duration::from_secs(1));
+        host.write_all(&change_baud(230_400, 0)).unwrap();
+        read_until(&host, &[0xC0, 1, 0x0F], Duration::from_secs(1));
+        let mut host = open_host(sim.device_path(), 230_400);
+        host.write_all(&sync()).unwrap();
+        read_until(&host, &[0x55, 0, 0, 0, 0, 0xC0], Duration::from_secs(1));
+        let commands: Vec<SimEventKind> = sim
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e.kind, SimEventKind::Command { .. }))
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                SimEventKind::Command {
+                    op: loader::op::READ_REG,
+                    len: 4,
+                    baud: 115_200
+                },
+                SimEventKind::Command {
+                    op: loader::op::CHANGE_BAUDRATE,
+                    len: 8,
+                    baud: 115_200
+                },
+                SimEventKind::Command {
+                    op: loader::op::SYNC,
+                    len: 36,
+                    baud: 230_400
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn new_events_as_json() {
+        let json = |kind| SimEvent { t_us: 7, kind }.to_json();
+        assert_eq!(
+            json(SimEventKind::Command {
+                op: 0x11,
+                len: 16_400,
+                baud: 921_600
+            }),
+            "{\"t_us\":7,\"event\":\"command\",\"op\":\"0x11\",\"name\":\"FLASH_DEFL_DATA\",\
+             \"len\":16400,\"baud\":921600}"
+        );
+        assert_eq!(
+            json(SimEventKind::Stub {
+                kind: StubKind::Flasher,
+                by: StubDecidedBy::Address
+            }),
+            "{\"t_us\":7,\"event\":\"stub\",\"kind\":\"flasher\",\"by\":\"address\"}"
+        );
+        assert_eq!(
+            json(SimEventKind::ChangeBaudrate {
+                stub: Some(StubKind::Legacy),
+                new: 921_600,
+                old: 0,
+                rate: NO_BAUD
+            }),
+            "{\"t_us\":7,\"event\":\"change_baudrate\",\"loader\":\"legacy\",\"new\":921600,\
+             \"old\":0,\"rate\":0}"
+        );
+        assert_eq!(
+            json(SimEventKind::ChangeBaudrate {
+                stub: None,
+                new: 460_800,
+                old: 0,
+                rate: 460_800
+            }),
+            "{\"t_us\":7,\"event\":\"change_baudrate\",\"loader\":\"rom\",\"new\":460800,\
+             \"old\":0,\"rate\":460800}"
+        );
+        assert_eq!(
+            json(SimEventKind::OverMaxBaud {
+                dir: Direction::Tx,
+                chip_baud: 921_600,
+                host_baud: 921_600,
+                max_baud: 460_800,
+                bytes: 12
+            }),
+            "{\"t_us\":7,\"event\":\"over_max_baud\",\"dir\":\"tx\",\"chip_baud\":921600,\
+             \"host_baud\":921600,\"max_baud\":460800,\"bytes\":12}"
+        );
+        assert_eq!(
+            json(SimEventKind::WrongBaud {
+                dir: Direction::Rx,
+                chip_baud: 115_200,
+                host_baud: 9_600,
+                bytes: 3
+            }),
+            "{\"t_us\":7,\"event\":\"wrong_baud\",\"dir\":\"rx\",\"chip_baud\":115200,\
+             \"host_baud\":9600,\"bytes\":3}"
+        );
     }
 
     #[test]

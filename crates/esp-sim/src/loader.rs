@@ -17,6 +17,11 @@
 //! - READ_FLASH, ERASE_FLASH and ERASE_REGION exist only in the stub, the
 //!   slow 64-byte READ_FLASH_SLOW only in the ROM, and neither knows
 //!   GET_SECURITY_INFO on the original ESP32.
+//!
+//! Two stubs are told apart ([`StubKind`]), by the address their text was
+//! uploaded to; they answer everything alike except CHANGE_BAUDRATE, where
+//! the legacy stub scales its divider by the host's old/new rates and
+//! esp-flasher-stub takes the new rate as is (see [`Loader::change_baud`]).
 
 use std::time::Duration;
 
@@ -25,6 +30,7 @@ use md5::{Digest, Md5};
 
 use super::flash::{self, Flash};
 use super::regs::{self, Registers};
+use super::{NO_BAUD, SimEventKind, StubDecidedBy, StubKind};
 
 pub use esp_loader::{STUB_HELLO, checksum, op};
 
@@ -69,6 +75,81 @@ const STUB_MAX_BLOCK: u32 = 0x1_0000;
 const ROM_READ_CHUNK: usize = 64;
 /// Time between the reply to MEM_END and the stub's first words.
 const STUB_BOOT: Duration = Duration::from_micros(500);
+/// Where esptool loads the legacy stub's text on the ESP32
+/// (`stub_flasher/1/esp32.json`, esptool 4.x and 5.x alike; entry 0x400be658).
+pub const LEGACY_STUB_TEXT: u32 = 0x400B_E000;
+/// Where esptool 5 loads esp-flasher-stub's text on the ESP32
+/// (`stub_flasher/2/esp32.json`).
+pub const FLASHER_STUB_TEXT: u32 = 0x400A_8000;
+/// Legacy stub: from its reply to the divider change, then until it reads on.
+const LEGACY_BAUD_SETTLE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(1));
+/// esp-flasher-stub: from its reply to waiting for TX idle, then until it reads on.
+const FLASHER_BAUD_SETTLE: (Duration, Duration) =
+    (Duration::from_millis(5), Duration::from_millis(5));
+
+/// The name of a command for the event log; `UNKNOWN` for ops no loader has.
+pub fn op_name(o: u8) -> &'static str {
+    match o {
+        op::FLASH_BEGIN => "FLASH_BEGIN",
+        op::FLASH_DATA => "FLASH_DATA",
+        op::FLASH_END => "FLASH_END",
+        op::MEM_BEGIN => "MEM_BEGIN",
+        op::MEM_END => "MEM_END",
+        op::MEM_DATA => "MEM_DATA",
+        op::SYNC => "SYNC",
+        op::WRITE_REG => "WRITE_REG",
+        op::READ_REG => "READ_REG",
+        op::SPI_SET_PARAMS => "SPI_SET_PARAMS",
+        op::SPI_ATTACH => "SPI_ATTACH",
+        op::READ_FLASH_SLOW => "READ_FLASH_SLOW",
+        op::CHANGE_BAUDRATE => "CHANGE_BAUDRATE",
+        op::FLASH_DEFL_BEGIN => "FLASH_DEFL_BEGIN",
+        op::FLASH_DEFL_DATA => "FLASH_DEFL_DATA",
+        op::FLASH_DEFL_END => "FLASH_DEFL_END",
+        op::SPI_FLASH_MD5 => "SPI_FLASH_MD5",
+        op::GET_SECURITY_INFO => "GET_SECURITY_INFO",
+        op::ERASE_FLASH => "ERASE_FLASH",
+        op::ERASE_REGION => "ERASE_REGION",
+        op::READ_FLASH => "READ_FLASH",
+        op::RUN_USER_CODE => "RUN_USER_CODE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The rate the legacy stub ends up at: it multiplies its current divider
+/// by old / new, so the rate becomes current x new / old (nominal rates; the
+/// divider's rounding is not modelled, so a right "old" gives exactly "new").
+/// An old or new rate of 0 gives a zero divider or a division by zero in
+/// the real stub; either way no host can talk to it any more: [`NO_BAUD`].
+pub fn legacy_stub_rate(current: u32, new: u32, old: u32) -> u32 {
+    if current == NO_BAUD || new == 0 || old == 0 {
+        return NO_BAUD;
+    }
+    let old = u64::from(old);
+    let rate = (u64::from(current) * u64::from(new) + old / 2) / old;
+    u32::try_from(rate)
+        .ok()
+        .filter(|&r| r != 0)
+        .unwrap_or(NO_BAUD)
+}
+
+/// Which stub an upload is, from the start addresses of its MEM_DATA blocks.
+/// Anything but the two known text addresses is taken for the legacy stub:
+/// every esptool up to 5.2 uploads it, so an unknown RAM program is most
+/// likely another build of it; and its CHANGE_BAUDRATE is the stricter of
+/// the two (it trusts the host's old rate), so a bridge that passes against
+/// it passes against both.
+fn stub_from_upload(loaded: &[(u32, u32)]) -> (StubKind, StubDecidedBy) {
+    for &(start, _) in loaded {
+        match start {
+            LEGACY_STUB_TEXT => return (StubKind::Legacy, StubDecidedBy::Address),
+            FLASHER_STUB_TEXT => return (StubKind::Flasher, StubDecidedBy::Address),
+            _ => {}
+        }
+    }
+    (StubKind::Legacy, StubDecidedBy::Fallback)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -97,8 +178,12 @@ pub enum Effect {
     WaitFlash,
     /// The UART switches rate; what was sent before keeps the old one.
     SetBaud(u32),
+    /// Wait until everything sent so far has left the UART.
+    WaitTxIdle,
     /// The stub has taken over from the ROM.
-    StubStarted,
+    StubStarted(StubKind, StubDecidedBy),
+    /// Something for the event log, as of now.
+    Record(SimEventKind),
     Reset(ResetKind),
 }
 
@@ -139,6 +224,10 @@ struct MemSession {
 #[derive(Debug)]
 pub struct Loader {
     stage: Stage,
+    /// The stub to take an upload for; `None`: decide by its address.
+    stub_choice: Option<StubKind>,
+    /// Which stub runs (meaningful in [`Stage::Stub`] only).
+    stub: StubKind,
     regs: Registers,
     write: Option<WriteSession>,
     read: Option<ReadSession>,
@@ -167,15 +256,19 @@ fn hex_lower(bytes: &[u8]) -> Vec<u8> {
 
 impl Default for Loader {
     fn default() -> Self {
-        Self::rom()
+        Self::rom(None)
     }
 }
 
 impl Loader {
-    /// The ROM loader as it comes up after a download-mode boot.
-    pub fn rom() -> Loader {
+    /// The ROM loader as it comes up after a download-mode boot; an upload
+    /// it starts is taken for `stub`, or (`None`) for the stub its load
+    /// address says.
+    pub fn rom(stub: Option<StubKind>) -> Loader {
         Loader {
             stage: Stage::Rom,
+            stub_choice: stub,
+            stub: StubKind::Legacy,
             regs: Registers::new(),
             write: None,
             read: None,
@@ -186,6 +279,21 @@ impl Loader {
     #[cfg(test)]
     pub fn stage(&self) -> Stage {
         self.stage
+    }
+
+    /// The running stub, if a stub runs.
+    pub fn stub_kind(&self) -> Option<StubKind> {
+        (self.stage == Stage::Stub).then_some(self.stub)
+    }
+
+    /// The op and data length of `frame` if it is a command (and not, say,
+    /// an acknowledgement during READ_FLASH): what [`Loader::handle_frame`]
+    /// takes as a command.
+    pub fn command_of(&self, frame: &[u8]) -> Option<(u8, usize)> {
+        if self.read.is_some() && frame.len() == 4 {
+            return None;
+        }
+        (frame.len() >= 8 && frame[0] == 0).then(|| (frame[1], frame.len() - 8))
     }
 
     pub fn apb_hz(&self) -> u32 {
@@ -297,14 +405,7 @@ impl Loader {
                     fx.push(self.fail(op, rom_err::INVALID_MESSAGE, stub_err::BAD_DATA_LEN));
                 }
             }
-            op::CHANGE_BAUDRATE => match le32(data, 0) {
-                Some(baud) if data.len() == 8 && BAUD_RANGE.contains(&baud) => {
-                    // The reply still goes out at the old rate.
-                    fx.push(self.ok(op));
-                    fx.push(Effect::SetBaud(baud));
-                }
-                _ => fx.push(self.fail(op, rom_err::INVALID_MESSAGE, stub_err::BAD_DATA_LEN)),
-            },
+            op::CHANGE_BAUDRATE => self.change_baud(data, env, fx),
             op::MEM_BEGIN => self.mem_begin(data, fx),
             op::MEM_DATA => self.mem_data(chk, data, fx),
             op::MEM_END => self.mem_end(data, fx),
@@ -352,6 +453,61 @@ impl Loader {
         };
         let r = self.reply(op::SYNC, value, &[], None);
         fx.extend(std::iter::repeat_n(r, SYNC_REPLIES));
+    }
+
+    /// CHANGE_BAUDRATE (u32 new rate, u32 old rate). The reply always goes
+    /// out at the current rate; the switch comes after it:
+    /// - ROM: to the new rate at once (it gets 0 as the old rate and checks
+    ///   the new one).
+    /// - Legacy stub: 10 ms later, to current x new / old
+    ///   ([`legacy_stub_rate`]), then 1 ms before the next command.
+    /// - esp-flasher-stub: 5 ms later and once its TX is idle, to the new
+    ///   rate whatever the old one, then 5 ms.
+    ///
+    /// Bytes that arrive meanwhile are received at whatever rate the UART
+    /// has when they arrive (the old one until the switch), as the stubs'
+    /// receive interrupt keeps running; they are handled once the stub
+    /// reads commands again.
+    fn change_baud(&mut self, data: &[u8], env: Env, fx: &mut Vec<Effect>) {
+        let o = op::CHANGE_BAUDRATE;
+        let (Some(new), Some(old), 8) = (le32(data, 0), le32(data, 1), data.len()) else {
+            fx.push(self.fail(o, rom_err::INVALID_MESSAGE, stub_err::BAD_DATA_LEN));
+            return;
+        };
+        let stub = self.stub_kind();
+        let (rate, settle) = match stub {
+            None if !BAUD_RANGE.contains(&new) => {
+                fx.push(self.fail(o, rom_err::INVALID_MESSAGE, 0));
+                return;
+            }
+            None => (new, None),
+            Some(StubKind::Legacy) => (
+                legacy_stub_rate(env.baud, new, old),
+                Some(LEGACY_BAUD_SETTLE),
+            ),
+            Some(StubKind::Flasher) => {
+                let rate = if new == 0 { NO_BAUD } else { new };
+                (rate, Some(FLASHER_BAUD_SETTLE))
+            }
+        };
+        fx.push(Effect::Record(SimEventKind::ChangeBaudrate {
+            stub,
+            new,
+            old,
+            rate,
+        }));
+        fx.push(self.ok(o));
+        match settle {
+            None => fx.push(Effect::SetBaud(rate)),
+            Some((before, after)) => {
+                fx.push(Effect::Busy(before));
+                if stub == Some(StubKind::Flasher) {
+                    fx.push(Effect::WaitTxIdle);
+                }
+                fx.push(Effect::SetBaud(rate));
+                fx.push(Effect::Busy(after));
+            }
+        }
     }
 
     fn write_reg(&mut self, data: &[u8], flash: &mut Flash, fx: &mut Vec<Effect>) {
@@ -452,12 +608,17 @@ impl Loader {
             .iter()
             .any(|&(start, end)| (start..end).contains(&entry));
         if no_run == 0 && runs_uploaded_code {
-            // Whatever was uploaded, the model runs it as the flasher stub,
+            // Whatever was uploaded, the model runs it as a flasher stub,
             // the only RAM program esptool sends in practice.
+            let (kind, by) = match self.stub_choice {
+                Some(kind) => (kind, StubDecidedBy::Config),
+                None => stub_from_upload(&session.loaded),
+            };
             self.stage = Stage::Stub;
+            self.stub = kind;
             self.write = None;
             fx.push(Effect::Busy(STUB_BOOT));
-            fx.push(Effect::StubStarted);
+            fx.push(Effect::StubStarted(kind, by));
             fx.push(Effect::Send(STUB_HELLO.to_vec()));
         }
     }
@@ -876,13 +1037,16 @@ mod tests {
         let s = sends(&fx);
         assert_eq!(s.len(), 2);
         assert_eq!(s[1], b"OHAI");
-        assert!(fx.contains(&Effect::StubStarted));
+        assert!(fx.contains(&Effect::StubStarted(
+            StubKind::Legacy,
+            StubDecidedBy::Fallback
+        )));
         assert_eq!(l.stage(), Stage::Stub);
     }
 
     #[test]
     fn rom_sync_replies_eight_times_with_nonzero_value_and_four_status_bytes() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         let s = sends(&l.handle_frame(&sync_frame(), &mut f, ENV));
         assert_eq!(s.len(), 8);
@@ -891,7 +1055,7 @@ mod tests {
 
     #[test]
     fn stub_sync_value_is_zero_with_two_status_bytes() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         start_stub(&mut l, &mut f);
         let s = sends(&l.handle_frame(&sync_frame(), &mut f, ENV));
@@ -901,7 +1065,7 @@ mod tests {
 
     #[test]
     fn read_reg_returns_chip_magic_in_value() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         let r =
             only_reply(&l.handle_frame(&cmd(op::READ_REG, &words(&[0x4000_1000]), 0), &mut f, ENV));
@@ -910,7 +1074,7 @@ mod tests {
 
     #[test]
     fn unknown_and_stub_only_commands_are_refused_by_rom() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         for o in [op::GET_SECURITY_INFO, op::ERASE_FLASH, op::READ_FLASH, 0x77] {
             let r = only_reply(&l.handle_frame(&cmd(o, &[], 0), &mut f, ENV));
@@ -920,7 +1084,7 @@ mod tests {
 
     #[test]
     fn stub_refuses_rom_only_and_unknown_commands() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         start_stub(&mut l, &mut f);
         for o in [op::READ_FLASH_SLOW, op::GET_SECURITY_INFO] {
@@ -931,7 +1095,7 @@ mod tests {
 
     #[test]
     fn bad_checksum_gets_the_loaders_error_code() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         l.handle_frame(
             &cmd(op::FLASH_BEGIN, &words(&[0x400, 1, 0x400, 0]), 0),
@@ -947,7 +1111,7 @@ mod tests {
 
     #[test]
     fn length_mismatch_is_an_invalid_message_not_a_panic() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         let mut frame = cmd(op::READ_REG, &words(&[0x4000_1000]), 0);
         frame[2] = 9;
@@ -973,7 +1137,7 @@ mod tests {
 
     #[test]
     fn rom_flash_write_erases_then_writes_and_md5_is_hex() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         f.program(0x1000, &[0; 16]).unwrap();
         let fx = l.handle_frame(
@@ -1010,7 +1174,7 @@ mod tests {
 
     #[test]
     fn stub_deflate_stream_split_across_packets() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x40000);
         start_stub(&mut l, &mut f);
         // Stale data the stub must erase before writing.
@@ -1062,7 +1226,7 @@ mod tests {
 
     #[test]
     fn corrupt_deflate_stream_is_an_inflate_error() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         l.handle_frame(
             &cmd(op::FLASH_DEFL_BEGIN, &words(&[0x1000, 1, 0x400, 0]), 0),
@@ -1079,7 +1243,7 @@ mod tests {
 
     #[test]
     fn stub_read_flash_streams_with_acks_and_final_md5() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         let content: Vec<u8> = (0..0x2800u32).map(|i| (i % 251) as u8).collect();
         f.program(0, &content).unwrap();
@@ -1111,22 +1275,198 @@ mod tests {
 
     #[test]
     fn change_baud_replies_before_switching() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         let fx = l.handle_frame(
             &cmd(op::CHANGE_BAUDRATE, &words(&[921_600, 0]), 0),
             &mut f,
             ENV,
         );
-        assert!(matches!(fx[0], Effect::Send(_)));
-        assert_eq!(fx[1], Effect::SetBaud(921_600));
+        assert_eq!(
+            fx[0],
+            Effect::Record(SimEventKind::ChangeBaudrate {
+                stub: None,
+                new: 921_600,
+                old: 0,
+                rate: 921_600
+            })
+        );
+        assert!(matches!(fx[1], Effect::Send(_)));
+        assert_eq!(fx[2], Effect::SetBaud(921_600));
+        assert_eq!(fx.len(), 3, "the ROM switches at once: {fx:?}");
         let fx = l.handle_frame(&cmd(op::CHANGE_BAUDRATE, &words(&[0, 0]), 0), &mut f, ENV);
         assert_eq!(&only_reply(&fx)[8..], [1, 0x05, 0, 0]);
     }
 
+    /// Uploads a 100-byte program at `addr` and starts it; returns MEM_END's effects.
+    fn upload(l: &mut Loader, flash: &mut Flash, addr: u32) -> Vec<Effect> {
+        l.handle_frame(
+            &cmd(op::MEM_BEGIN, &words(&[100, 1, 0x1800, addr]), 0),
+            flash,
+            ENV,
+        );
+        l.handle_frame(&data_cmd(op::MEM_DATA, 0, &[0x11; 100]), flash, ENV);
+        l.handle_frame(&cmd(op::MEM_END, &words(&[0, addr + 0x10]), 0), flash, ENV)
+    }
+
+    #[test]
+    fn the_stub_kind_is_decided_by_the_upload_address_or_forced() {
+        let cases = [
+            (
+                None,
+                LEGACY_STUB_TEXT,
+                StubKind::Legacy,
+                StubDecidedBy::Address,
+            ),
+            (
+                None,
+                FLASHER_STUB_TEXT,
+                StubKind::Flasher,
+                StubDecidedBy::Address,
+            ),
+            (None, 0x4008_0000, StubKind::Legacy, StubDecidedBy::Fallback),
+            (
+                Some(StubKind::Flasher),
+                LEGACY_STUB_TEXT,
+                StubKind::Flasher,
+                StubDecidedBy::Config,
+            ),
+            (
+                Some(StubKind::Legacy),
+                FLASHER_STUB_TEXT,
+                StubKind::Legacy,
+                StubDecidedBy::Config,
+            ),
+        ];
+        for (choice, addr, kind, by) in cases {
+            let mut l = Loader::rom(choice);
+            let mut f = Flash::new(0x10000);
+            assert_eq!(l.stub_kind(), None);
+            let fx = upload(&mut l, &mut f, addr);
+            assert!(
+                fx.contains(&Effect::StubStarted(kind, by)),
+                "{addr:#x}: {fx:?}"
+            );
+            assert_eq!(l.stub_kind(), Some(kind));
+        }
+        // The second segment (data) may come first or later: any block at
+        // the text address decides.
+        let loaded = [(0x3FFE_0000, 0x3FFE_0100), (FLASHER_STUB_TEXT, 0x400A_9000)];
+        assert_eq!(
+            stub_from_upload(&loaded),
+            (StubKind::Flasher, StubDecidedBy::Address)
+        );
+    }
+
+    fn change_baud(l: &mut Loader, f: &mut Flash, current: u32, new: u32, old: u32) -> Vec<Effect> {
+        let env = Env {
+            baud: current,
+            ..ENV
+        };
+        l.handle_frame(&cmd(op::CHANGE_BAUDRATE, &words(&[new, old]), 0), f, env)
+    }
+
+    #[test]
+    fn legacy_stub_scales_its_divider_by_the_old_rate_it_is_told() {
+        let mut l = Loader::rom(None);
+        let mut f = Flash::new(0x10000);
+        upload(&mut l, &mut f, LEGACY_STUB_TEXT);
+        // The right old rate: the new rate, 10 ms after the reply, then 1 ms.
+        let fx = change_baud(&mut l, &mut f, 115_200, 921_600, 115_200);
+        assert_eq!(
+            fx,
+            [
+                Effect::WaitFlash,
+                Effect::Record(SimEventKind::ChangeBaudrate {
+                    stub: Some(StubKind::Legacy),
+                    new: 921_600,
+                    old: 115_200,
+                    rate: 921_600
+                }),
+                Effect::Send(vec![1, op::CHANGE_BAUDRATE, 2, 0, 0, 0, 0, 0, 0, 0]),
+                Effect::Busy(Duration::from_millis(10)),
+                Effect::SetBaud(921_600),
+                Effect::Busy(Duration::from_millis(1)),
+            ]
+        );
+        // Told 115200 while the line runs at 921600 (a bridge switched it):
+        // 921600 x 921600 / 115200.
+        let fx = change_baud(&mut l, &mut f, 921_600, 921_600, 115_200);
+        assert!(fx.contains(&Effect::SetBaud(7_372_800)), "{fx:?}");
+        // Down again with the right old rate.
+        let fx = change_baud(&mut l, &mut f, 921_600, 115_200, 921_600);
+        assert!(fx.contains(&Effect::SetBaud(115_200)), "{fx:?}");
+        // An old (or new) rate of 0 gives no rate at all, and no panic.
+        for (new, old) in [(921_600, 0), (0, 115_200), (0, 0)] {
+            let fx = change_baud(&mut l, &mut f, 115_200, new, old);
+            assert!(fx.contains(&Effect::SetBaud(NO_BAUD)), "{fx:?}");
+            assert_eq!(&sends(&fx)[0][8..], [0, 0], "the stub still says ok");
+        }
+        // Extremes neither overflow nor panic.
+        assert_eq!(legacy_stub_rate(5_000_000, u32::MAX, 1), NO_BAUD);
+        assert_eq!(legacy_stub_rate(300, 1, u32::MAX), NO_BAUD);
+        assert_eq!(legacy_stub_rate(NO_BAUD, 921_600, 115_200), NO_BAUD);
+        assert_eq!(legacy_stub_rate(115_200, 230_400, 460_800), 57_600);
+        // A wrong length is refused with the stub's code.
+        let fx = l.handle_frame(
+            &cmd(op::CHANGE_BAUDRATE, &words(&[921_600]), 0),
+            &mut f,
+            ENV,
+        );
+        assert_eq!(&only_reply(&fx)[8..], [0xC0, 0]);
+        assert!(!fx.iter().any(|e| matches!(e, Effect::SetBaud(_))));
+    }
+
+    #[test]
+    fn flasher_stub_sets_the_new_rate_whatever_the_old_one() {
+        let mut l = Loader::rom(None);
+        let mut f = Flash::new(0x10000);
+        upload(&mut l, &mut f, FLASHER_STUB_TEXT);
+        for old in [115_200, 921_600, 0, 12_345] {
+            let fx = change_baud(&mut l, &mut f, 115_200, 921_600, old);
+            assert_eq!(
+                fx,
+                [
+                    Effect::WaitFlash,
+                    Effect::Record(SimEventKind::ChangeBaudrate {
+                        stub: Some(StubKind::Flasher),
+                        new: 921_600,
+                        old,
+                        rate: 921_600
+                    }),
+                    Effect::Send(vec![1, op::CHANGE_BAUDRATE, 2, 0, 0, 0, 0, 0, 0, 0]),
+                    Effect::Busy(Duration::from_millis(5)),
+                    Effect::WaitTxIdle,
+                    Effect::SetBaud(921_600),
+                    Effect::Busy(Duration::from_millis(5)),
+                ]
+            );
+        }
+        let fx = change_baud(&mut l, &mut f, 115_200, 0, 115_200);
+        assert!(fx.contains(&Effect::SetBaud(NO_BAUD)), "{fx:?}");
+    }
+
+    #[test]
+    fn commands_are_told_from_read_flash_acks() {
+        let mut l = Loader::rom(None);
+        let mut f = Flash::new(0x10000);
+        assert_eq!(l.command_of(&sync_frame()), Some((op::SYNC, 36)));
+        assert_eq!(l.command_of(&[1, 8, 0, 0, 0, 0, 0, 0]), None, "a response");
+        assert_eq!(l.command_of(&[0, 8, 0]), None, "too short");
+        start_stub(&mut l, &mut f);
+        l.handle_frame(
+            &cmd(op::READ_FLASH, &words(&[0, 0x2000, 0x1000, 1]), 0),
+            &mut f,
+            ENV,
+        );
+        assert_eq!(l.command_of(&0x1000u32.to_le_bytes()), None, "an ack");
+        assert_eq!(op_name(op::FLASH_DEFL_DATA), "FLASH_DEFL_DATA");
+        assert_eq!(op_name(0x77), "UNKNOWN");
+    }
+
     #[test]
     fn rom_read_flash_slow_returns_64_bytes() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         f.program(0, &[1, 2, 3]).unwrap();
         let r =
@@ -1143,7 +1483,7 @@ mod tests {
 
     #[test]
     fn stub_flash_end_zero_reboots() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         start_stub(&mut l, &mut f);
         let fx = l.handle_frame(
@@ -1158,7 +1498,7 @@ mod tests {
 
     #[test]
     fn stub_erase_region_requires_sector_alignment() {
-        let mut l = Loader::rom();
+        let mut l = Loader::rom(None);
         let mut f = Flash::new(0x10000);
         start_stub(&mut l, &mut f);
         f.program(0x1000, &[0]).unwrap();
@@ -1191,7 +1531,7 @@ mod tests {
             0x11, 0x12, 0x13, 0x14, 0xD0, 0xD1, 0xD2, 0xD3, 0x00, 0xFF,
         ];
         for round in 0..2 {
-            let mut l = Loader::rom();
+            let mut l = Loader::rom(None);
             let mut f = Flash::new(0x10000);
             if round == 1 {
                 start_stub(&mut l, &mut f);

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use esp_sim::{BootMode, ChipMode, Direction, Esp32Sim, SimConfig, SimEventKind};
+use esp_sim::{
+    BootMode, ChipMode, Direction, Esp32Sim, SimConfig, SimEventKind, StubDecidedBy, StubKind,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -317,6 +319,81 @@ fn esptool4_flashes_the_sim_directly() {
 fn esptool5_flashes_the_sim_directly() {
     if let Some(tool) = Esptool::find(true) {
         full_session(&tool);
+    }
+}
+
+/// `-b 921600 write-flash` with the UART paced: esptool 4 uploads the legacy
+/// stub, esptool 5 esp-flasher-stub; the sim tells them apart by where they
+/// are loaded, each switches to 921600 its own way, and the bulk of the
+/// write runs at 921600 (as the command events show).
+fn paced_write_at_921600(tool: &Esptool) {
+    let sim = Esp32Sim::start(SimConfig {
+        power_on: BootMode::Download,
+        pace: true,
+        ..SimConfig::default()
+    })
+    .expect("sim starts");
+    wait_for_mode(&sim, ChipMode::Download);
+    let dir = temp_dir(if tool.v5 { "paced5" } else { "paced4" });
+    let image = random_bytes(128 * 1024, 0x5EED_0004);
+    let file = dir.join("image.bin");
+    std::fs::write(&file, &image).unwrap();
+    let (out, _) = tool.run(
+        &sim,
+        921_600,
+        true,
+        "write-flash",
+        &["0x0", file.to_str().unwrap()],
+    );
+    assert!(out.contains("921600"), "{out}");
+    assert!(sim.flash()[..image.len()] == image[..], "flash differs");
+    let events = sim.events();
+    let stub = if tool.v5 {
+        StubKind::Flasher
+    } else {
+        StubKind::Legacy
+    };
+    assert!(
+        events.iter().any(|e| e.kind
+            == SimEventKind::Stub {
+                kind: stub,
+                by: StubDecidedBy::Address
+            }),
+        "no {stub:?} stub event"
+    );
+    let bulk: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            SimEventKind::Command { op, baud, .. } if op == 0x03 || op == 0x11 => Some(baud),
+            _ => None,
+        })
+        .collect();
+    assert!(!bulk.is_empty(), "no data commands recorded");
+    assert!(bulk.iter().all(|&b| b == 921_600), "{bulk:?}");
+    assert!(events.iter().any(|e| matches!(
+        e.kind,
+        SimEventKind::ChangeBaudrate {
+            stub: Some(s),
+            new: 921_600,
+            old: 115_200,
+            rate: 921_600,
+        } if s == stub
+    )));
+    assert_eq!(sim.wrong_baud_bytes(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn esptool4_paced_at_921600_runs_the_legacy_stub() {
+    if let Some(tool) = Esptool::find(false) {
+        paced_write_at_921600(&tool);
+    }
+}
+
+#[test]
+fn esptool5_paced_at_921600_runs_esp_flasher_stub() {
+    if let Some(tool) = Esptool::find(true) {
+        paced_write_at_921600(&tool);
     }
 }
 
