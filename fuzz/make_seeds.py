@@ -108,8 +108,50 @@ def esp_raw_seeds():
     )
 
 
+def flash_script(steps):
+    """The flash_rate target's input: per step a header (top two bits: 0 client, 1 device,
+    3 time passes; low 6: length, or for time 20 ms units)."""
+    out = bytearray()
+    for side, data in steps:
+        if side == "wait":
+            out.append(0xC0 | data)
+            continue
+        for i in range(0, len(data), 63):
+            part = data[i:i + 63]
+            out.append((0x40 if side == "dev" else 0) | len(part))
+            out += part
+    return bytes(out)
+
+
+def request(op, data):
+    return slip(bytes([0, op]) + len(data).to_bytes(2, "little") + bytes(4) + data)
+
+
+def stub_upload():
+    return (request(0x05, bytes(16)) + request(0x07, bytes([0xC0]) * 40)
+            + request(0x06, bytes([0, 0, 0, 0, 0x58, 0xE6, 0x0B, 0x40])))
+
+
+def flash_rate_seeds():
+    sync = esptool_sync()
+    ohai = slip(b"OHAI")
+    ok = chip_reply(0x0F, b"\x00\x00")
+    base = [("cli", sync), ("dev", chip_reply(0x08, b"\x00\x00\x00\x00")), ("cli", stub_upload()),
+            ("dev", ohai)]
+    yield "seed-fast", flash_script(
+        base + [("dev", ok), ("wait", 2), ("dev", ok), ("cli", esptool_change_baud(460800)),
+                ("cli", request(0x0D, bytes(4)))])
+    yield "seed-recovery", flash_script(
+        base + [("dev", ok), ("wait", 40), ("wait", 40), ("dev", chip_reply(0x08, b"\x00\x00\x00\x00")),
+                ("wait", 6), ("dev", chip_reply(0x05, b"\x00\x00\x00\x00")),
+                ("dev", chip_reply(0x07, b"\x00\x00\x00\x00")),
+                ("dev", chip_reply(0x06, b"\x00\x00\x00\x00")), ("dev", ohai)])
+    yield "seed-no-answer", flash_script(base + [("cli", request(0x0D, bytes(4))), ("wait", 40)])
+
+
 def main():
-    for target, seeds in (("rfc2217_engine", rfc2217_seeds()), ("esp_raw", esp_raw_seeds())):
+    for target, seeds in (("rfc2217_engine", rfc2217_seeds()), ("esp_raw", esp_raw_seeds()),
+                          ("flash_rate", flash_rate_seeds())):
         d = HERE / "corpus" / target
         d.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

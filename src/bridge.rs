@@ -523,7 +523,11 @@ async fn run_session(
     );
     let framing = match kind {
         PortKind::Rfc2217 => Framing::rfc2217(),
-        PortKind::EspRaw => Framing::esp_raw(),
+        PortKind::EspRaw => Framing::esp_raw(
+            settings.baud,
+            config.board.serial.flash_baud.rate(),
+            port.can_reset(),
+        ),
     };
     let report = Session::new(info, stream, port, framing, phase)
         .run(stop)

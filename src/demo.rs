@@ -43,6 +43,14 @@ pub struct DemoArgs {
     /// event-log files get the board's name
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=MAX_BOARDS))]
     boards: u16,
+    /// The rate the raw port runs esptool's flasher stub at, whatever the client asks for
+    /// (see [serial] flash_baud); 0: the client's own rate
+    #[arg(long, value_name = "BAUD", default_value_t = crate::config::DEFAULT_FLASH_BAUD)]
+    flash_baud: u32,
+    /// The fastest rate the virtual board's wiring carries: above it every byte arrives
+    /// garbled (for tests of the flash-rate fallback)
+    #[arg(long, value_name = "BAUD", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    sim_max_baud: Option<u32>,
 }
 
 /// The most virtual boards the demo serves (each is a thread and a pseudo-terminal).
@@ -196,6 +204,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
             power_on: BootMode::App,
             event_log: per_board(&args.event_log, &name, many),
             flash_file: per_board(&args.flash_file, &name, many),
+            max_baud: args.sim_max_baud,
             ..SimConfig::default()
         })
         .map_err(|e| Error::failure(format!("cannot start the virtual ESP32 {name}: {e}")))?;
@@ -211,6 +220,8 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
         };
         let mut board = template.clone();
         board.name = name;
+        board.serial.flash_baud = crate::config::FlashBaud::try_from(i64::from(args.flash_baud))
+            .map_err(|e| Error::usage(format!("--flash-baud: {e}")))?;
         board.serial.device = sim.device_path().to_path_buf();
         board.listen = vec![SocketAddr::from((host, port(0)?))];
         board.raw_listen = vec![SocketAddr::from((host, port(1)?))];

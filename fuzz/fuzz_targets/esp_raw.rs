@@ -5,7 +5,8 @@
 //! panic": bytes pass unchanged both ways (the concatenated Data events are the client's bytes,
 //! what goes to the client is the device's bytes), held back only while the opening is
 //! undecided; EnterBootloader comes once, first, exactly when the client opened with esptool's
-//! SYNC; a baud switch only ever asks for a real rate.
+//! SYNC; a baud switch only ever asks for a real rate. (With a flash rate, see the
+//! `flash_rate` target.)
 #![no_main]
 
 use esp_bridge::protocol::Event;
@@ -16,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 const SYNC_START: [u8; 5] = [0xC0, 0x00, 0x08, 36, 0];
 
 fuzz_target!(|script: &[u8]| {
-    let mut raw = EspRaw::new();
+    let mut raw = EspRaw::new(115_200, None, false);
     let (mut from_client, mut from_device) = (Vec::new(), Vec::new());
     let (mut client_events, mut device_events) = (Vec::new(), Vec::new());
     let mut to_client = Vec::new();
@@ -28,13 +29,13 @@ fuzz_target!(|script: &[u8]| {
         if header & 0x80 == 0 {
             from_client.extend_from_slice(bytes);
             let before = client_events.len();
-            raw.from_client(bytes, &mut client_events);
+            raw.from_client(bytes, &mut Vec::new(), &mut client_events);
             let added = client_events.len() - before;
             assert!(added <= 3, "{added} events for one read");
         } else {
             from_device.extend_from_slice(bytes);
             let before = to_client.len();
-            raw.from_device(bytes, &mut to_client, &mut device_events);
+            raw.from_device(bytes, std::time::Instant::now(), &mut to_client, &mut device_events);
             assert_eq!(
                 &to_client[before..],
                 bytes,

@@ -36,7 +36,15 @@ pub struct SerialConfig {
     pub parity: Parity,
     pub stop_bits: StopBits,
     pub flow_control: FlowControl,
+    /// Raw port: the rate a running flasher stub is moved to, whatever the client asked
+    /// (0: the client's own rate).
+    pub flash_baud: FlashBaud,
 }
+
+/// 921600 by default: the rate esptool's own users pick for flashing (Arduino's default),
+/// which the Pi's PL011 and the common USB bridges (CP210x, CH340, FT232R) carry; a
+/// wiring that cannot carry it is noticed and the session falls back to the client's rate.
+pub const DEFAULT_FLASH_BAUD: u32 = 921_600;
 
 impl Default for SerialConfig {
     fn default() -> Self {
@@ -47,6 +55,7 @@ impl Default for SerialConfig {
             parity: Parity::None,
             stop_bits: StopBits::One,
             flow_control: FlowControl::None,
+            flash_baud: FlashBaud(DEFAULT_FLASH_BAUD),
         }
     }
 }
@@ -221,6 +230,8 @@ pub struct SerialOverrides {
     pub stop_bits: Option<StopBits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_control: Option<FlowControl>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flash_baud: Option<FlashBaud>,
 }
 
 impl SerialOverrides {
@@ -238,6 +249,10 @@ impl SerialOverrides {
             parity: self.parity.unwrap_or(base.parity),
             stop_bits: self.stop_bits.unwrap_or(base.stop_bits),
             flow_control: self.flow_control.unwrap_or(base.flow_control),
+            flash_baud: self
+                .flash_baud
+                .clone()
+                .unwrap_or_else(|| base.flash_baud.clone()),
         }
     }
 }
@@ -416,6 +431,7 @@ impl Config {
                         parity: Some(b.serial.parity),
                         stop_bits: Some(b.serial.stop_bits),
                         flow_control: Some(b.serial.flow_control),
+                        flash_baud: Some(b.serial.flash_baud.clone()),
                     },
                     control: ControlOverrides {
                         backend: Some(b.control.backend),

@@ -7,7 +7,9 @@
 mod file;
 mod values;
 
-pub use file::{ControlConfig, FileConfig, GpioConfig, NetworkConfig, SerialConfig};
+pub use file::{
+    ControlConfig, DEFAULT_FLASH_BAUD, FileConfig, GpioConfig, NetworkConfig, SerialConfig,
+};
 pub use values::*;
 
 pub use crate::settings::{FlowControl, Parity, StopBits};

@@ -173,6 +173,27 @@ checked_value!(BaudRate, u32, |v| {
     }
 });
 
+/// The lowest `flash_baud`: below the ROM's own 115200 a faster rate gains nothing.
+pub const FLASH_BAUD_MIN: u32 = 115_200;
+
+checked_value!(FlashBaud, u32, |v| {
+    match u32::try_from(v) {
+        Ok(0) => Ok(0),
+        Ok(b) if (FLASH_BAUD_MIN..=crate::settings::BAUD_MAX).contains(&b) => Ok(b),
+        _ => Err(format!(
+            "flash_baud {v} is out of range: use 0 (flash at the rate the client asks for) or a rate from {FLASH_BAUD_MIN} to {}, e.g. 921600",
+            crate::settings::BAUD_MAX
+        )),
+    }
+});
+
+impl FlashBaud {
+    /// The rate the raw port moves a running flasher stub to, if any.
+    pub fn rate(&self) -> Option<u32> {
+        (self.0 != 0).then_some(self.0)
+    }
+}
+
 checked_value!(DataBits, u8, |v| {
     if (5..=8).contains(&v) {
         Ok(v as u8)

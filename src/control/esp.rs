@@ -162,6 +162,9 @@ impl Control for EspControl {
         self.replan(|p, now| p.release(now));
         Ok(())
     }
+    fn can_reset(&self) -> bool {
+        true
+    }
     fn enter_bootloader(&mut self) -> io::Result<()> {
         lock(&self.engine).releasing = false;
         self.replan(|p, now| p.enter_bootloader(now));

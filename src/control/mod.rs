@@ -114,6 +114,10 @@ pub trait Control: Send {
             "this control setup cannot reset the chip: use [control] mode = \"esp\" with backend \"gpio\" or \"modem\", or put the chip into download mode by hand",
         ))
     }
+    /// Whether [`Control::enter_bootloader`] works here.
+    fn can_reset(&self) -> bool {
+        false
+    }
     /// Completes when every line change asked for so far has been carried out.
     fn settled(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(std::future::ready(()))

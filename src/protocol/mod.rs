@@ -6,6 +6,7 @@
 //! its replies ([`Engine::reply`]) and the device's data ([`Engine::encode_data`]).
 
 pub mod esp_raw;
+pub mod flash_rate;
 pub mod rfc2217;
 pub mod telnet;
 
@@ -28,6 +29,13 @@ pub enum Event {
     EnterBootloader,
     /// Raw port: the chip acknowledged CHANGE_BAUDRATE; switch the UART (no reply).
     SwitchBaud(u32),
+    /// Raw port: wait this long before anything after it goes to the device (the chip is
+    /// changing its rate, or booting).
+    Settle(std::time::Duration),
+    /// Raw port: worth one line in the log (why the flash rate is what it is).
+    Notice(String),
+    /// Raw port: the session cannot go on; the text says why and what to change.
+    Abort(String),
 }
 
 impl Event {

@@ -81,6 +81,8 @@ pub enum EndReason {
     ClientError(io::Error),
     DeviceGone(io::Error),
     Stopped(StopRequest),
+    /// The raw port's exchange with the chip failed; the text says why and the fix.
+    Aborted(String),
 }
 
 impl std::fmt::Display for EndReason {
@@ -106,6 +108,7 @@ impl std::fmt::Display for EndReason {
                 f,
                 "client had closed its sending side; a new client arrived"
             ),
+            EndReason::Aborted(why) => write!(f, "{why}"),
         }
     }
 }
@@ -131,16 +134,20 @@ pub type SharedControl = Arc<Mutex<Box<dyn Control>>>;
 pub enum Framing {
     /// Telnet with RFC 2217 COM-PORT control (`rfc2217://`).
     Rfc2217(Engine),
-    /// The ESP-aware raw port (`socket://`): bytes pass unchanged.
-    EspRaw(EspRaw),
+    /// The ESP-aware raw port (`socket://`): bytes pass unchanged, but for the bridge's own
+    /// flash-rate exchange (`flash_baud`).
+    /// Boxed: it carries the flash-rate exchange's state, four times the codec's size.
+    EspRaw(Box<EspRaw>),
 }
 
 impl Framing {
     pub fn rfc2217() -> Self {
         Framing::Rfc2217(Engine::new())
     }
-    pub fn esp_raw() -> Self {
-        Framing::EspRaw(EspRaw::new())
+    /// The raw port, starting at `line` baud; `flash_baud` as configured for the board;
+    /// `can_reset`: the chip can be put into its bootloader from here.
+    pub fn esp_raw(line: u32, flash_baud: Option<u32>, can_reset: bool) -> Self {
+        Framing::EspRaw(Box::new(EspRaw::new(line, flash_baud, can_reset)))
     }
 }
 
@@ -175,6 +182,10 @@ pub struct Session<U: Uart> {
     client_eof: bool,
     /// Runs from the client's half-close; the session ends when it fires.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// An [`Event::Settle`] in progress: nothing more goes to the device until it fires.
+    settle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The raw port's next deadline ([`EspRaw::deadline`]) and its timer.
+    raw_timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     phase: watch::Sender<Phase>,
     /// Times a drain discarded output because flow control held it.
     discarded: u64,
@@ -215,6 +226,8 @@ impl<U: Uart> Session<U> {
             liveness,
             client_eof: false,
             linger: None,
+            settle: None,
+            raw_timer: None,
             phase,
             discarded: 0,
             to_device: 0,
@@ -293,6 +306,7 @@ impl<U: Uart> Session<U> {
             EndReason::Stopped(StopRequest::Replaced | StopRequest::Yielded) => Some(
                 "\r\n[esp-bridge] another client took over this port; closing.\r\n".to_string(),
             ),
+            EndReason::Aborted(why) => Some(format!("\r\n[esp-bridge] {why}\r\n")),
             _ => None,
         };
         if let Some(text) = notice {
@@ -333,6 +347,7 @@ impl<U: Uart> Session<U> {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(e),
             }
+            progress |= self.poll_raw_deadline(cx);
             self.poll_modem(cx);
             if let Err(e) = self.poll_liveness(cx) {
                 return Poll::Ready(e);
@@ -405,7 +420,11 @@ impl<U: Uart> Session<U> {
     /// Backpressure: the client is read only when its last input was applied and it keeps
     /// up with what is sent to it.
     fn reading_client(&self) -> bool {
-        !self.client_eof && self.inbound.is_empty() && self.out.len() - self.out_pos <= HIGH_WATER
+        let held = matches!(&self.framing, Framing::EspRaw(raw) if raw.holding());
+        !self.client_eof
+            && !held
+            && self.inbound.is_empty()
+            && self.out.len() - self.out_pos <= HIGH_WATER
     }
 
     fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Result<bool, EndReason> {
@@ -424,7 +443,9 @@ impl<U: Uart> Session<U> {
                     Framing::Rfc2217(engine) => {
                         engine.receive(&self.net_buf[..n], &mut self.events, &mut self.out)
                     }
-                    Framing::EspRaw(raw) => raw.from_client(&self.net_buf[..n], &mut self.events),
+                    Framing::EspRaw(raw) => {
+                        raw.from_client(&self.net_buf[..n], &mut self.pending, &mut self.events)
+                    }
                 }
                 self.inbound.extend(self.events.drain(..));
                 Ok(true)
@@ -453,12 +474,13 @@ impl<U: Uart> Session<U> {
                         Engine::encode_data(&self.dev_buf[..n], &mut self.pending)
                     }
                     Framing::EspRaw(raw) => {
-                        raw.from_device(&self.dev_buf[..n], &mut self.pending, &mut self.events);
-                        // A baud switch goes before any client input still queued: the
-                        // client sends its next command only after it read this reply.
-                        for event in self.events.drain(..).rev() {
-                            self.inbound.push_front(event);
-                        }
+                        raw.from_device(
+                            &self.dev_buf[..n],
+                            Instant::now(),
+                            &mut self.pending,
+                            &mut self.events,
+                        );
+                        self.queue_first();
                     }
                 }
                 Ok(true)
@@ -467,6 +489,41 @@ impl<U: Uart> Session<U> {
             Poll::Ready(Err(e)) => Err(EndReason::DeviceGone(e)),
             Poll::Pending => Ok(false),
         }
+    }
+
+    /// Puts the events the device's bytes (or a raw-port deadline) caused before any client
+    /// input still queued, behind the data item being written: a baud switch answers a reply
+    /// the client has not read yet, so nothing it sent can depend on it.
+    fn queue_first(&mut self) {
+        let at = usize::from(self.inbound_offset > 0).min(self.inbound.len());
+        for event in self.events.drain(..).rev() {
+            self.inbound.insert(at, event);
+        }
+    }
+
+    /// The raw port's exchange with the chip waits for replies with a deadline.
+    fn poll_raw_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        let Framing::EspRaw(raw) = &mut self.framing else {
+            return false;
+        };
+        let Some(due) = raw.deadline() else {
+            self.raw_timer = None;
+            return false;
+        };
+        if self.raw_timer.as_ref().is_none_or(|(at, _)| *at != due) {
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(due));
+            self.raw_timer = Some((due, Box::pin(sleep)));
+        }
+        let Some((_, timer)) = &mut self.raw_timer else {
+            return false;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.raw_timer = None;
+        raw.on_deadline(Instant::now(), &mut self.pending, &mut self.events);
+        self.queue_first();
+        true
     }
 
     /// Applies queued client input in order. Returns whether anything was done.
@@ -542,6 +599,25 @@ impl<U: Uart> Session<U> {
                     self.port.enter_bootloader();
                     progress = true;
                 }
+                Event::Settle(wait) => {
+                    let wait = *wait;
+                    let timer = self
+                        .settle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Ok(progress);
+                    }
+                    self.settle = None;
+                    self.inbound.pop_front();
+                    progress = true;
+                }
+                Event::Notice(_) => {
+                    if let Some(Event::Notice(text)) = self.inbound.pop_front() {
+                        limited!(info, "flash rate notes", session = self.info.id, "{text}");
+                    }
+                    progress = true;
+                }
+                Event::Abort(why) => return Err(EndReason::Aborted(why.clone())),
                 Event::ComPortEnabled => {
                     self.inbound.pop_front();
                     let reply = self.port.modem_state(true);

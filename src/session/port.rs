@@ -379,6 +379,14 @@ impl<U: Uart> ComPort<U> {
     }
 
     /// The raw port's esptool client: put the chip into its bootloader.
+    /// Whether the chip can be put into its bootloader from here.
+    pub fn can_reset(&self) -> bool {
+        self.control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .can_reset()
+    }
+
     pub fn enter_bootloader(&mut self) {
         let result = self
             .control
