@@ -21,15 +21,17 @@ by <by> (when the first sample with the new levels finished reading), guest CLOC
 seconds. The first line is the levels at start (<after> = <by>). Lines starting with '#' are
 comments: at the end, how many samples were taken and how far apart they were.
 
-Relaying to the host is done by a second thread, in order, so that a slow answer on ttyS2
-never delays a sample. Runs until /run/strap-watcher-stop exists; then relays what is still
-queued (for up to 10 s) and exits.
+Nothing else may hold a sample up: relaying to the host sim is non-blocking (its answers are
+read when they are there), the value files stay open, the garbage collector is off, and the
+watcher asks for real-time scheduling (SCHED_FIFO) so that the guest's other work does not
+delay it; the host's own scheduling of the VM still can, which is what the windows are for.
+Runs until /run/strap-watcher-stop exists; then relays what is still queued (for up to 10 s)
+and exits.
 """
 
+import gc
 import os
-import queue
 import sys
-import threading
 import time
 import tty
 
@@ -43,29 +45,50 @@ for spec in specs:
     name, _, path = rest.partition("=")
     lines.append((role, name, os.open(path, os.O_RDONLY)))
 
-port = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY)
+port = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
 tty.setraw(port)
 log = open(log_path, "a", buffering=1)
-relays = queue.Queue()
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    policy = "SCHED_FIFO"
+except OSError as e:
+    policy = f"normal scheduling ({e})"
+gc.disable()
 
 
 def word(level):
     return "high" if level else "low"
 
 
-def relay():
-    """Hands each change to the host sim, in order, waiting for its answer each time."""
-    while True:
-        item = relays.get()
-        if item is None:
-            return
-        os.write(port, item)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = os.read(port, 64)
-            if not chunk:
+class Relay:
+    """Requests to the host sim, written as the port takes them; answers read as they come.
+    The sim applies the lines in order, so they need not wait for each other's answers."""
+
+    def __init__(self):
+        self.pending = b""
+        self.unanswered = 0
+        self.answers = b""
+        self.errors = []
+
+    def send(self, request):
+        self.pending += request
+        self.unanswered += 1
+        self.pump()
+
+    def pump(self):
+        if self.pending:
+            try:
+                self.pending = self.pending[os.write(port, self.pending):]
+            except BlockingIOError:
+                pass
+        if self.unanswered:
+            try:
+                self.answers += os.read(port, 256)
+            except BlockingIOError:
                 return
-            answer += chunk
+            *done, self.answers = self.answers.split(b"\n")
+            self.unanswered -= len(done)
+            self.errors += [a for a in done if a.strip() != b"ok"]
 
 
 def sample():
@@ -76,12 +99,11 @@ def sample():
     return levels, started, time.monotonic()
 
 
-relayer = threading.Thread(target=relay, daemon=True)
-relayer.start()
+relay = Relay()
 last = None
 last_started = None
 samples = 0
-gaps = []  # the longest gaps between samples, for the closing comment
+gaps = []  # gaps between samples over 5 ms, for the closing comment
 longest = 0.0
 next_stop_check = 0.0
 while True:
@@ -97,10 +119,12 @@ while True:
     io0 = all(v for role, _, v in levels if role == "io0")
     if (en, io0) != last:
         after = started if last is None else last_started
-        relays.put(f"en={word(en)} io0={word(io0)}\n".encode())
         named = " ".join(f"{name}={int(v)}" for _, name, v in levels)
         log.write(f"{after:.6f} {finished:.6f} {word(en)} {word(io0)} {named}\n")
+        relay.send(f"en={word(en)} io0={word(io0)}\n".encode())
         last = (en, io0)
+    elif relay.pending or relay.unanswered:
+        relay.pump()
     last_started = started
     if finished >= next_stop_check:
         next_stop_check = finished + 0.1
@@ -108,8 +132,11 @@ while True:
             break
     time.sleep(PERIOD)
 
-relays.put(None)
-relayer.join(10)
-over_5ms = len(gaps)
-log.write(f"# {samples} samples; longest gap {longest * 1000:.1f} ms; {over_5ms} gaps over 5 ms"
+deadline = time.monotonic() + 10
+while (relay.pending or relay.unanswered) and time.monotonic() < deadline:
+    relay.pump()
+    time.sleep(0.01)
+log.write(f"# {samples} samples ({policy}); longest gap {longest * 1000:.1f} ms; {len(gaps)} gaps over 5 ms"
           f"{' (' + ', '.join(f'{g * 1000:.0f}' for g in sorted(gaps)[-10:]) + ' ms the longest)' if gaps else ''}\n")
+if relay.unanswered or relay.errors:
+    log.write(f"# relay: {relay.unanswered} requests unanswered; answers other than ok: {relay.errors[:5]}\n")
