@@ -18,8 +18,11 @@ b2 - a1). Against a minimum the bridge must keep:
 What is measured (the minimums esptool's own sequences have; the bridge plans 10 ms more):
 - "EN low": every EN pulse, from EN falling to EN rising: >= 100 ms;
 - "IO0 hold": every bootloader entry (EN rising while IO0 is low), from EN rising to IO0
-  rising: >= 50 ms. When both rise within one window, their order was not seen: that entry
-  is "undecided" (it may also have been a plain reset into the application).
+  rising: >= 50 ms. When IO0 fell in the same window as EN rose (the bridge lowers IO0 10 ms
+  before it releases EN), the hold is still bounded the same way: IO0 was low after EN rose
+  from the later of the two, which lies in that window too. When EN and IO0 both rise within
+  one window, their order was not seen: that entry is "undecided" (it may also have been a
+  plain reset into the application).
 """
 
 from dataclasses import dataclass
@@ -96,7 +99,7 @@ def pulses(changes):
                     out.append(Pulse("EN low", c.after - en_fell.by, c.by - en_fell.after, EN_LOW_MIN,
                                      en_fell.after))
                 en_fell = None
-                if not prev.io0 and not c.io0:
+                if not c.io0:
                     entry = c
                 elif not prev.io0 and c.io0:
                     # EN and IO0 rose within one window, in an order not seen: a bootloader

@@ -43,6 +43,14 @@ def test_a_late_sample_leaves_the_measure_undecided_not_failed():
     assert hold.low < 0.050 <= hold.high
 
 
+def test_io0_falling_in_the_window_en_rises_in_still_bounds_the_hold():
+    # The watcher missed the 10 ms with both low: EN rose and IO0 fell in one window.
+    text = log((-5, -5, True, True), (-1, 0, False, True), (112, 121, True, False), (199, 200, True, True))
+    assert verdicts(text) == [("EN low", "ok"), ("IO0 hold", "ok")]
+    hold = pulses(parse(text))[1]
+    assert 0.077 < hold.low < hold.high < 0.089
+
+
 def test_edges_in_one_window_are_undecided_whatever_its_width():
     text = log((-5, -5, True, True), (-1, 0, False, True), (99, 100, False, False), (110, 190, True, True))
     assert verdicts(text) == [("EN low", "ok"), ("IO0 hold", "undecided")]
