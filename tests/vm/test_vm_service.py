@@ -150,6 +150,9 @@ say "strap watcher: the lines relayed to the host sim's straps"
 stty -F /dev/ttyS2 115200 raw -echo
 python3 $H/strap-watcher.py $H/straps.log "en:g22=$GPIO22_VALUE" "io0:g10=$GPIO10_VALUE" &
 watcher=$!
+# Its first line is the levels at start: from then on it sees every change.
+for _ in $(seq 1 300); do [ -s $H/straps.log ] && break; sleep 0.1; done
+[ -s $H/straps.log ] || fail "the strap watcher did not start"
 touch $H/ready
 
 say "serving the host's esptool"
@@ -310,8 +313,13 @@ def check_strap_timing(log_text):
     minimum (EN low >= 100 ms, IO0 low >= 50 ms after EN rose); one whose upper bound is below
     the minimum is provably short and fails the test whatever else was seen; one in between
     is undecided: the observer sampled too late around its edges to tell. Undecided pulses are
-    reported and tolerated up to a third of each kind, and at least 3 EN pulses and 2
+    reported and tolerated up to half of each kind, and at least 3 EN pulses and 2
     bootloader entries must be passed; beyond that the run proves too little and fails.
+
+    The sessions over RFC 2217 hold EN and IO0 longer than the minimums (esptool's commands
+    come over the slow network), so they are nearly always decided; those over the raw port
+    are timed by the bridge alone, 110 ms and 60 ms, and are the ones a late sample leaves
+    undecided, which is why the raw port serves three sessions.
 
     The bridge plans 110 ms and 60 ms, so a pulse is decided when the two windows around it
     add up to less than the 10 ms margin (plus whatever the bridge's own lateness added);
@@ -319,8 +327,8 @@ def check_strap_timing(log_text):
     measured = straps.pulses(straps.parse(log_text))
     en = [p for p in measured if p.kind == "EN low"]
     hold = [p for p in measured if p.kind == "IO0 hold"]
-    problems = straps.check(en, at_least=3, max_undecided_share=1 / 3)
-    problems += straps.check(hold, at_least=2, max_undecided_share=1 / 3)
+    problems = straps.check(en, at_least=3, max_undecided_share=1 / 2)
+    problems += straps.check(hold, at_least=2, max_undecided_share=1 / 2)
     comment = [line for line in log_text.splitlines() if line.startswith("#")]
     summary = (f"strap timing: {len(en)} EN pulses, {len(hold)} bootloader entries; "
                f"undecided {sum(p.verdict == 'undecided' for p in measured)}; watcher {' '.join(comment)}\n"
@@ -356,6 +364,9 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
         assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
         rc, out, times["verify-flash (raw)"] = run_esptool(raw, "verify-flash", hex(ADDRESS), str(image), cfg=cfg)
         assert rc == 0 and "digest matched" in out, f"raw port verify failed:\n{out}{context()}"
+        for n in (1, 2):  # more resets timed by the bridge alone, for the timing check
+            rc, out, times[f"chip-id {n} (raw)"] = run_esptool(raw, "chip-id", cfg=cfg)
+            assert rc == 0, f"chip-id over the raw port failed:\n{out}{context()}"
         v.signal("esptool-done")
         wait_for_guest(v, "lines-checked", 120, context)
         stop(sim)  # saves the flash file and leaves ttyS1 to the XOFF peer
@@ -414,7 +425,7 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
     # The chip saw them as the board would: download mode each time, app at the end.
     log = [json.loads(line) for line in events.read_text().splitlines()]
     modes = [e["mode"] for e in log if e["event"] == "mode"]
-    assert modes.count("download") >= 3, modes
+    assert modes.count("download") >= 5, modes
     assert modes[-1] == "app", modes
 
     # Issue item 2: a device holding its output back bounds the drain, and the stop.
