@@ -313,13 +313,16 @@ def check_strap_timing(log_text):
     minimum (EN low >= 100 ms, IO0 low >= 50 ms after EN rose); one whose upper bound is below
     the minimum is provably short and fails the test whatever else was seen; one in between
     is undecided: the observer sampled too late around its edges to tell. Undecided pulses are
-    reported and tolerated up to half of each kind, and at least 3 EN pulses and 2
-    bootloader entries must be passed; beyond that the run proves too little and fails.
+    reported and tolerated up to two thirds of each kind; beyond that, or with fewer than 5 EN
+    pulses and 3 bootloader entries passed, the run proves too little and fails.
 
-    The sessions over RFC 2217 hold EN and IO0 longer than the minimums (esptool's commands
-    come over the slow network), so they are nearly always decided; those over the raw port
-    are timed by the bridge alone, 110 ms and 60 ms, and are the ones a late sample leaves
-    undecided, which is why the raw port serves three sessions.
+    The two sessions over RFC 2217 hold EN and IO0 longer than the minimums (esptool's
+    commands come over the slow network): their 4 EN pulses and 2 entries are nearly always
+    decided, but they would hide a bridge that cut its own timing short. The five sessions
+    over the raw port are timed by the bridge alone, 110 ms and 60 ms, and are the ones a late
+    sample leaves undecided: on a host loaded with other work, about a third of them each. So
+    the minimums ask that at least one of those be decided, and only a run where all five
+    entries (or all ten EN pulses) were sampled too loosely fails for it.
 
     The bridge plans 110 ms and 60 ms, so a pulse is decided when the two windows around it
     add up to less than the 10 ms margin (plus whatever the bridge's own lateness added);
@@ -327,8 +330,8 @@ def check_strap_timing(log_text):
     measured = straps.pulses(straps.parse(log_text))
     en = [p for p in measured if p.kind == "EN low"]
     hold = [p for p in measured if p.kind == "IO0 hold"]
-    problems = straps.check(en, at_least=3, max_undecided_share=1 / 2)
-    problems += straps.check(hold, at_least=2, max_undecided_share=1 / 2)
+    problems = straps.check(en, at_least=5, max_undecided_share=2 / 3)
+    problems += straps.check(hold, at_least=3, max_undecided_share=2 / 3)
     comment = [line for line in log_text.splitlines() if line.startswith("#")]
     summary = (f"strap timing: {len(en)} EN pulses, {len(hold)} bootloader entries; "
                f"undecided {sum(p.verdict == 'undecided' for p in measured)}; watcher {' '.join(comment)}\n"
@@ -364,7 +367,7 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
         assert rc == 0 and "Hash of data verified" in out, f"{out}{context()}"
         rc, out, times["verify-flash (raw)"] = run_esptool(raw, "verify-flash", hex(ADDRESS), str(image), cfg=cfg)
         assert rc == 0 and "digest matched" in out, f"raw port verify failed:\n{out}{context()}"
-        for n in (1, 2):  # more resets timed by the bridge alone, for the timing check
+        for n in range(1, 5):  # more resets timed by the bridge alone, for the timing check
             rc, out, times[f"chip-id {n} (raw)"] = run_esptool(raw, "chip-id", cfg=cfg)
             assert rc == 0, f"chip-id over the raw port failed:\n{out}{context()}"
         v.signal("esptool-done")
@@ -425,7 +428,7 @@ def test_service_with_gpio_lines_in_a_booted_debian(boot, esp_bridge_bin, tmp_pa
     # The chip saw them as the board would: download mode each time, app at the end.
     log = [json.loads(line) for line in events.read_text().splitlines()]
     modes = [e["mode"] for e in log if e["event"] == "mode"]
-    assert modes.count("download") >= 5, modes
+    assert modes.count("download") >= 7, modes
     assert modes[-1] == "app", modes
 
     # Issue item 2: a device holding its output back bounds the drain, and the stop.
