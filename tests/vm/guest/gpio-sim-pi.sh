@@ -5,7 +5,7 @@
 # (0 and 1 are ID_SDA/ID_SCL, as on a Pi), 58 lines, label pinctrl-bcm2711 (a Pi 4).
 #
 #   eval "$(bash /mnt/host/gpio-sim-pi.sh)"        create (or reuse) the chip; then e.g.
-#   echo "$GPIO22_VALUE"                            /sys/.../sim_gpio22/value: what a consumer drives
+#   echo "$GPIO22_VALUE"                            /sys/.../sim_gpio22/value: the line's level
 #   echo pull-up > "$GPIO10_PULL"                   what an input on GPIO10 reads
 #   gpioset "$GPIOSIM_CHIP" 22=1
 #
@@ -15,6 +15,9 @@
 # Prints shell assignments on stdout: GPIOSIM_CHIP (gpiochipN), GPIOSIM_DEV (/dev/gpiochipN),
 # GPIOSIM_SYSFS (the chip's sysfs directory), and for N in 2..27 GPION_LINE (the offset),
 # GPION_VALUE and GPION_PULL (its sim_gpioN/value and /pull files).
+#
+# A line's value is what a consumer drives it to, or its pull when nobody drives it (an input,
+# or an open-drain line released: tests/vm/build-image patches gpio-sim so the latter holds).
 set -euo pipefail
 
 name=pi-header
