@@ -564,6 +564,53 @@ mod tests {
     }
 
     #[test]
+    fn every_number_out_of_range_names_its_line_key_and_range() {
+        // Each number the file can hold, just outside its range on both sides where there is
+        // a lower bound, and far outside (the overflow the hardening issue found).
+        let cases = [
+            ("[serial]\nbaud = 49\n", "50 to 20000000"),
+            ("[serial]\nbaud = 20000001\n", "50 to 20000000"),
+            ("[serial]\nflash_baud = 115199\n", "115200 to 20000000"),
+            ("[serial]\nflash_baud = 4294967296\n", "115200 to 20000000"),
+            ("[serial]\ndata_bits = 4\n", "5, 6, 7 or 8"),
+            ("[network]\nkeepalive_secs = 0\n", "1 to 3600"),
+            ("[network]\nkeepalive_secs = 3601\n", "1 to 3600"),
+            ("[network]\nidle_exit_secs = 604801\n", "604800"),
+            (
+                "[network]\nidle_exit_secs = 9223372036854775807\n",
+                "604800",
+            ),
+            ("[network]\nidle_exit_secs = -1\n", "604800"),
+        ];
+        for (text, range) in cases {
+            let e = err(text);
+            let key = text
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split(' ').next())
+                .unwrap();
+            assert!(
+                e.contains("/etc/esp-bridge.toml") && e.contains("line 2") && e.contains(key),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains(range), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn keys_nested_too_deeply_say_where() {
+        let deep = format!(
+            "[serial]\nbaud = 115200\n{} = 1\n",
+            vec!["a"; 200].join(".")
+        );
+        let e = err(&deep);
+        assert!(
+            e.contains("line 3") && e.contains("nested too deeply"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn overrides_replace_file_values() {
         let mut c = Config::default();
         c.apply(&Overrides {

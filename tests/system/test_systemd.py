@@ -55,7 +55,10 @@ def test_socket_activation_flash_through_the_passed_socket(tmp_path):
                 capture_output=True, text=True, timeout=300,
             )
             assert r.returncode == 0, r.stdout + r.stderr + log.text()
-        assert 'passed by systemd; [network] listen is not used' in log.text()
+        # The passed socket is used, named by the board and protocol it serves; the
+        # configured --listen address is not bound.
+        assert (f"board default: listening on 127.0.0.1:{port} for RFC 2217 clients (socket passed by systemd)"
+                in log.text()), log.text()
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", unused), timeout=1).close()
     finally:
