@@ -5,8 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::log_limit::limited;
+use crate::shutdown::stopping;
 use crate::status::StatusBook;
-use crate::supervisor::stopping;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,8 +12,8 @@ use crate::log_limit::limited;
 use crate::session::{
     ComPort, Framing, Phase, Report, Session, SessionInfo, SharedControl, StopRequest,
 };
+use crate::shutdown::stopping;
 use crate::status::{Activity, BoardStatus, StatusBook, StatusHandle};
-use crate::supervisor::stopping;
 use crate::timer;
 use crate::uart::{SerialDevice, describe_open_error};
 use socket2::{SockRef, TcpKeepalive};

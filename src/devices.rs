@@ -222,7 +222,7 @@ pub fn report(config: &Config, root: &Path) -> String {
     }
     if unused > 0
         && let [only] = config.boards.as_slice()
-        && only.name == crate::units::DEFAULT_BOARD
+        && only.name == crate::config::DEFAULT_BOARD
     {
         let list = |a: &[std::net::SocketAddr]| {
             a.iter()

@@ -8,7 +8,8 @@
 //! - `uart` and `control`: the device backends (the UART; the EN/IO0 lines: the reset engine,
 //!   its planner, the gpio and modem drivers);
 //! - `bridge`: one board: its listeners, its accept policy, its active session, its status;
-//! - `supervisor`: the process: signals, systemd notifications, reload, idle exit, shutdown;
+//! - `supervisor`: the process: signals, systemd notifications, reload, idle exit, shutdown
+//!   (`shutdown`: the stop signal every task waits on);
 //! - `service`, [`cli`], [`config`], `systemd`: the edge where it is configured and started;
 //! - `demo`: the bridge in front of the virtual ESP32 of the esp-sim crate; `setup_pi`: the
 //!   Raspberry Pi's UART made free for the board.
@@ -32,6 +33,7 @@ mod service;
 mod session;
 mod settings;
 mod setup_pi;
+mod shutdown;
 mod status;
 mod supervisor;
 mod sysfs;

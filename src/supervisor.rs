@@ -6,6 +6,7 @@
 
 use crate::bridge::Bridge;
 use crate::config::{Config, ControlBackend};
+use crate::shutdown::stopping;
 use crate::status::{Activity, StatusBook};
 use crate::timer;
 use std::future::Future;
@@ -261,18 +262,6 @@ async fn reload_done(
             Err(_) => None,
         },
         None => std::future::pending().await,
-    }
-}
-
-/// Completes when the supervisor says to stop (or is gone).
-pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
     }
 }
 

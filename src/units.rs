@@ -18,8 +18,6 @@ use std::path::Path;
 
 /// The unit everything hangs off: the control socket (packaging/esp-bridge.socket).
 pub const ANCHOR: &str = "esp-bridge.socket";
-/// The name the single board of a file without `[[board]]` tables goes by.
-pub const DEFAULT_BOARD: &str = "default";
 
 /// One generated socket unit.
 #[derive(Debug, Clone, PartialEq, Eq)]

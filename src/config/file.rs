@@ -334,7 +334,7 @@ impl FileConfig {
             return Ok(Config {
                 network,
                 boards: vec![BoardConfig {
-                    name: crate::units::DEFAULT_BOARD.to_string(),
+                    name: crate::config::DEFAULT_BOARD.to_string(),
                     serial: self.serial,
                     listen: self.network.listen,
                     raw_listen: self.network.raw_listen,
@@ -403,7 +403,7 @@ impl Config {
             idle_exit_secs: IdleExitSecs(net.idle_exit.map_or(0, |d| d.as_secs())),
         };
         if let [only] = self.boards.as_slice()
-            && only.name == crate::units::DEFAULT_BOARD
+            && only.name == crate::config::DEFAULT_BOARD
         {
             return FileConfig {
                 serial: only.serial.clone(),

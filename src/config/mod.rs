@@ -213,6 +213,9 @@ pub struct BoardConfig {
     pub control: ControlConfig,
 }
 
+/// The name the single board of a file without `[[board]]` tables goes by.
+pub const DEFAULT_BOARD: &str = "default";
+
 /// The effective configuration: the shared settings and every board.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

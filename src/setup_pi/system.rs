@@ -3,10 +3,10 @@
 //! I/O errors.
 
 use super::state::{BACKUP_DIR, BOOT_DIRS, STATE_DIR, STATE_FILE, State};
-use super::tree::{Perm, Tree, TreeError};
+use super::tree::{Perm, Tree, TreeError, hint_for};
 use rustix::fs::FileType;
 use std::fs;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
@@ -283,14 +283,4 @@ pub(super) fn systemctl(args: &[&str]) -> Option<(bool, String)> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Some((out.status.success(), text))
-}
-
-pub(super) fn hint_for(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => "\n  hint: run it as root: sudo esp-bridge setup-pi",
-        io::ErrorKind::ReadOnlyFilesystem => {
-            "\n  hint: the file system is mounted read-only; remount it read-write (sudo mount -o remount,rw <mount point>)"
-        }
-        _ => "",
-    }
 }

@@ -10,7 +10,6 @@
 //! A walk rather than openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): one code path on every
 //! kernel a Pi runs, and each refusal names the component that is a link.
 
-use super::system::hint_for;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, openat, statat};
 use rustix::io::Errno;
 use std::fs::File;
@@ -459,6 +458,17 @@ fn sibling(path: &str, name: &str) -> String {
     match path.rsplit_once('/') {
         Some((dir, _)) => format!("{dir}/{name}"),
         None => name.to_string(),
+    }
+}
+
+/// What to do about an I/O error setup-pi met, for its message.
+pub(super) fn hint_for(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => "\n  hint: run it as root: sudo esp-bridge setup-pi",
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "\n  hint: the file system is mounted read-only; remount it read-write (sudo mount -o remount,rw <mount point>)"
+        }
+        _ => "",
     }
 }
 
