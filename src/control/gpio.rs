@@ -91,18 +91,30 @@ fn explain(e: &gpiocdev::Error, chip: &std::path::Path, lines: &str) -> String {
 impl GpioLines {
     /// Checks that the two lines exist on one chip and are free, as [`GpioLines::open`] would,
     /// without requesting them; says where they are.
+    ///
+    /// Lines the running service holds are not in the way: `check-config` and `esp-bridge
+    /// apply` run while it serves, and apply stops it before the new configuration is used.
     pub fn check(cfg: &GpioConfig) -> Result<String, String> {
-        let (reset, boot) = Self::locate_pair(cfg)?;
+        let (reset, boot) = Self::locate_pair(cfg, Holder::ServiceMayHold)?;
+        let ours = [&reset, &boot]
+            .iter()
+            .any(|l| consumer_of(&l.chip, l.offset).as_deref() == Some(CONSUMER));
         Ok(format!(
-            "{} lines {} (EN) and {} (IO0), free",
+            "{} lines {} (EN) and {} (IO0), {}",
             reset.chip.display(),
             reset.name,
-            boot.name
+            boot.name,
+            if ours {
+                "held by the running esp-bridge service (free once it stops)"
+            } else {
+                "free"
+            }
         ))
     }
 
-    /// Finds the two lines: on one chip, distinct, not used by another program.
-    fn locate_pair(cfg: &GpioConfig) -> Result<(Located, Located), String> {
+    /// Finds the two lines: on one chip, distinct, not used by another program (nor, for
+    /// [`Holder::NoneMayHold`], by a running esp-bridge).
+    fn locate_pair(cfg: &GpioConfig, holder: Holder) -> Result<(Located, Located), String> {
         let chip = cfg.chip.as_deref();
         let reset = locate(&cfg.reset, chip, "reset")?;
         let boot = locate(&cfg.boot, chip, "boot")?;
@@ -123,6 +135,16 @@ impl GpioLines {
         }
         for (line, key) in [(&reset, "reset"), (&boot, "boot")] {
             if let Some(consumer) = consumer_of(&line.chip, line.offset) {
+                if consumer == CONSUMER && holder == Holder::ServiceMayHold {
+                    continue;
+                }
+                if consumer == CONSUMER {
+                    return Err(format!(
+                        "GPIO line {} ([control.gpio] {key}) on {} is held by another esp-bridge: stop it (`systemctl stop esp-bridge`, or the esp-bridge started by hand) or configure another line",
+                        line.name,
+                        line.chip.display()
+                    ));
+                }
                 return Err(format!(
                     "GPIO line {} ([control.gpio] {key}) on {} is in use by \"{consumer}\": stop that program (`gpioinfo` lists consumers), or wire and configure another line",
                     line.name,
@@ -135,11 +157,11 @@ impl GpioLines {
 
     /// Finds and requests the two lines, driving both released.
     pub fn open(cfg: &GpioConfig) -> Result<Self, String> {
-        let (reset, boot) = Self::locate_pair(cfg)?;
+        let (reset, boot) = Self::locate_pair(cfg, Holder::NoneMayHold)?;
         let mut builder = Request::builder();
         builder
             .on_chip(reset.chip.clone())
-            .with_consumer("esp-bridge")
+            .with_consumer(CONSUMER)
             .with_lines(&[reset.offset, boot.offset])
             .as_output(Value::Inactive);
         if cfg.active_low {
@@ -172,6 +194,18 @@ impl GpioLines {
             ),
         })
     }
+}
+
+/// The consumer name esp-bridge requests its lines under (`gpioinfo` shows it).
+const CONSUMER: &str = "esp-bridge";
+
+/// Who may hold a board's lines when they are looked for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// Opening them: nobody.
+    NoneMayHold,
+    /// Checking a configuration while the service runs: the service itself.
+    ServiceMayHold,
 }
 
 /// The consumer holding line `offset`, if one does.
