@@ -204,7 +204,7 @@ ss -Hlx | grep -F /run/esp-bridge/ && fail "the control socket still listens aft
 getent passwd esp-bridge && fail "a user esp-bridge was left"
 touch /run/strap-watcher-stop
 say "done"
-[ ! -s $H/failures.txt ] || exit 1
+# Notes in failures.txt fail the test on the host, after its own checks.
 """
 
 
