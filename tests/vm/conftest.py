@@ -42,33 +42,41 @@ esptool_cmd = system.esptool_cmd
 GUEST_HELPERS = HERE / "guest"
 
 
-def start_sim(v, *args):
-    """The virtual ESP32 on the VM's /dev/ttyS1, its straps driven from ttyS2; with its log."""
+def start_sim(v, *args, uart=None, control=None):
+    """The virtual ESP32 on the VM's /dev/ttyS1, its straps driven from ttyS2 (or on the UART
+    and relay given, e.g. v.ttyS3 and v.ttyS4 for a second board); with its log."""
+    uart = uart or v.ttyS1
+    control = control or v.ttyS2
     sim = subprocess.Popen(
-        [str(SIM_BIN), "--connect-unix", str(v.ttyS1), "--control-unix", str(v.ttyS2), *args],
+        [str(SIM_BIN), "--connect-unix", str(uart), "--control-unix", str(control), *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=vmlib.die_with_parent,
     )
     return sim, LogReader(sim.stderr)
 
 
-def failure_context(v, sim_log):
-    """What to print when a step fails: the sim's log, the guest's strap log and its log."""
+def failure_context(v, sim_log, *more):
+    """What to print when a step fails: the sim's log, the guest's strap log and its log.
+    more: (name, sim log, strap log file) of further boards' sims."""
 
     def context():
-        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps.log ---\n{v.read('straps.log', '')}"
+        sims = "".join(f"\n--- sim {name} ---\n{log.text()}\n--- {straps} ---\n{v.read(straps, '')}"
+                       for name, log, straps in more)
+        return (f"\n--- sim ---\n{sim_log.text()}\n--- straps.log ---\n{v.read('straps.log', '')}{sims}"
                 f"\n--- guest ---\n{v.guest_log()}")
 
     return context
 
 
-def wait_for_guest(v, flag, timeout, context):
-    """Waits for the guest's `flag` file; then the host URLs of its RFC 2217 and raw ports."""
+def wait_for_guest(v, flag, timeout, context, ports=(2217, 2218)):
+    """Waits for the guest's `flag` file; then the host URLs of its RFC 2217 and raw ports
+    (guest ports `ports`)."""
     try:
         v.wait_for_file(flag, timeout=timeout)
     except Exception as e:
         pytest.fail(f"{e}{context()}", pytrace=False)
-    return f"rfc2217://127.0.0.1:{v.host_port(2217)}", f"socket://127.0.0.1:{v.host_port(2218)}"
+    rfc, raw = ports
+    return f"rfc2217://127.0.0.1:{v.host_port(rfc)}", f"socket://127.0.0.1:{v.host_port(raw)}"
 
 
 def stop(proc):

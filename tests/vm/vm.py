@@ -115,6 +115,8 @@ class VM:
         forwards=(),
         serial_socket=True,
         ttyS2=False,
+        ttyS3=False,
+        ttyS4=False,
         memory_mb=1024,
         timeout=600,
         append="",
@@ -128,6 +130,12 @@ class VM:
             to (every second until someone listens there), e.g. the sim's --control-unix socket
             for a guest-side relay of GPIO edges. The guest must set that port `raw -echo`,
             or its tty echoes the answers back as requests.
+        ttyS3: back the guest's /dev/ttyS3 with the unix socket self.ttyS3, which qemu listens
+            on as on ttyS1's: a second board's UART.
+        ttyS4: back the guest's /dev/ttyS4 with the unix socket self.ttyS4, which qemu connects
+            to as to ttyS2's: a second board's strap relay. A PC has four ISA serial ports
+            (ttyS0-3), so this one is a PCI serial card, and the kernel is told to make room
+            for a fifth port (8250.nr_uarts=5; Debian's kernel sets up four).
         timeout: seconds from start() until qemu is killed whatever happens."""
         self.image = Path(image)
         self.work = Path(work_dir)
@@ -152,6 +160,8 @@ class VM:
             sockdir = Path(self._sockdir)
         self.ttyS1 = sockdir / "ttyS1.sock" if serial_socket else None
         self.ttyS2 = sockdir / "ttyS2.sock" if ttyS2 else None
+        self.ttyS3 = sockdir / "ttyS3.sock" if ttyS3 else None
+        self.ttyS4 = sockdir / "ttyS4.sock" if ttyS4 else None
         self.accel = os.environ.get("ESP_BRIDGE_VM_ACCEL", "tcg")
 
     # -- files in and out -------------------------------------------------------------------
@@ -219,13 +229,16 @@ class VM:
             # one host thread per guest CPU.
             accel = ["-accel", "tcg,thread=multi", "-cpu", "max"]
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{self.ports[g]}-:{g}" for g in self.forwards)
+        append = f"root=/dev/vda rw console=ttyS0 quiet panic=-1 {self.append}"
+        if self.ttyS4 is not None:
+            append += " 8250.nr_uarts=5"
         cmd = [
             "qemu-system-x86_64", *accel, "-smp", "2", "-m", str(self.memory_mb),
             "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
             "-kernel", str(self.image / "vmlinuz"),
             "-initrd", str(self.image / "initrd.img"),
             # panic=-1 with -no-reboot: a guest kernel panic ends qemu at once.
-            "-append", f"root=/dev/vda rw console=ttyS0 quiet panic=-1 {self.append}".strip(),
+            "-append", " ".join(append.split()),
             # snapshot=on: writes go to a throw-away overlay, the cached image stays pristine.
             "-drive", f"file={self.image / 'base.img'},format=raw,if=virtio,snapshot=on",
             "-virtfs", f"local,path={self.share},mount_tag=hostshare,security_model=none,id=hs",
@@ -233,18 +246,21 @@ class VM:
             "-netdev", f"user,id=n0{fwd}", "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-serial", f"file:{self.console_log}",
         ]
-        # Serial ports are numbered in the order given: console, ttyS1, ttyS2.
-        if self.ttyS1 is not None:
+        # ISA serial ports are numbered in the order given: console, ttyS1, ttyS2, ttyS3; a port
+        # before one in use but unused itself is there, connected to nothing. A board's UART is
+        # a socket qemu listens on, a strap relay one qemu connects to (and reconnects to).
+        isa = [(1, self.ttyS1, "server=on,wait=off"), (2, self.ttyS2, "server=off,reconnect=1"),
+               (3, self.ttyS3, "server=on,wait=off")]
+        last = max((n for n, path, _ in isa if path is not None), default=0)
+        for n, path, mode in isa[:last]:
+            if path is None:
+                cmd += ["-serial", "null"]
+            else:
+                cmd += ["-chardev", f"socket,id=s{n},path={path},{mode}", "-serial", f"chardev:s{n}"]
+        if self.ttyS4 is not None:
             cmd += [
-                "-chardev", f"socket,id=s1,path={self.ttyS1},server=on,wait=off",
-                "-serial", "chardev:s1",
-            ]
-        elif self.ttyS2 is not None:
-            cmd += ["-serial", "null"]
-        if self.ttyS2 is not None:
-            cmd += [
-                "-chardev", f"socket,id=s2,path={self.ttyS2},server=off,reconnect=1",
-                "-serial", "chardev:s2",
+                "-chardev", f"socket,id=s4,path={self.ttyS4},server=off,reconnect=1",
+                "-device", "pci-serial,chardev=s4",
             ]
         return cmd
 
@@ -262,8 +278,8 @@ class VM:
         # A free port can be taken by someone else before qemu binds it: then try new ones.
         for _ in range(3):
             self.ports = dict(zip(self.forwards, free_ports(len(self.forwards))))
-            if self.ttyS1 is not None:
-                self.ttyS1.unlink(missing_ok=True)
+            for listened in self._listened():
+                listened.unlink(missing_ok=True)
             with open(self.qemu_log, "wb") as log:
                 self.proc = subprocess.Popen(
                     self._command(),
@@ -287,17 +303,22 @@ class VM:
             threading.Thread(target=self._echo_console, daemon=True).start()
         return self
 
+    def _listened(self):
+        """The unix sockets qemu listens on (the boards' UARTs)."""
+        return [p for p in (self.ttyS1, self.ttyS3) if p is not None]
+
     def _wait_started(self):
         """True once qemu runs with its sockets set up; False if it exited."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            if self.ttyS1 is None or self.ttyS1.exists():
+            if all(p.exists() for p in self._listened()):
                 return True
             time.sleep(0.05)
         self.kill()
-        raise VMError(f"qemu started but did not create {self.ttyS1} within 30 s:\n{_tail(self.qemu_log)}")
+        missing = " ".join(str(p) for p in self._listened() if not p.exists())
+        raise VMError(f"qemu started but did not create {missing} within 30 s:\n{_tail(self.qemu_log)}")
 
     def _expire(self):
         if self.proc is not None and self.proc.poll() is None:

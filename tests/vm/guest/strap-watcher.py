@@ -3,9 +3,12 @@
 change to the host's virtual ESP32 over /dev/ttyS2 (its --control-unix protocol: a line
 "en=high io0=low", answered with a line), and logs it with the window in which it happened.
 
-    strap-watcher.py LOG en:NAME=VALUE_PATH... io0:NAME=VALUE_PATH
+    strap-watcher.py LOG en:NAME=VALUE_PATH... io0:NAME=VALUE_PATH...
+                     [--port PORT LOG en:NAME=VALUE_PATH... io0:NAME=VALUE_PATH...]...
 
-EN is high only while every en: line is (two GPIOs wired to EN after a remap).
+EN is high only while every en: line is (two GPIOs wired to EN after a remap). Each --port
+group is another board: its lines go to the virtual ESP32 behind PORT (e.g. /dev/ttyS4), its
+changes to its own LOG; all boards' lines are read in the same samples.
 
 gpio-sim's value files cannot be waited on, so the lines are sampled, every half millisecond
 or so when the guest gets the CPU. A sample that shows new levels says only that the change
@@ -38,16 +41,28 @@ import tty
 STOP = "/run/strap-watcher-stop"
 PERIOD = 0.0005
 
-log_path, *specs = sys.argv[1:]
-lines = []  # (role, name, fd of its value file)
-for spec in specs:
-    role, _, rest = spec.partition(":")
-    name, _, path = rest.partition("=")
-    lines.append((role, name, os.open(path, os.O_RDONLY)))
 
-port = os.open("/dev/ttyS2", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-tty.setraw(port)
-log = open(log_path, "a", buffering=1)
+def groups(args):
+    """(port, log path, specs) for each board on the command line."""
+    out = []
+    port = "/dev/ttyS2"
+    while args:
+        if args[0] == "--port":
+            port, args = args[1], args[2:]
+        log_path, args = args[0], args[1:]
+        specs = []
+        while args and args[0] != "--port":
+            specs.append(args.pop(0))
+        out.append((port, log_path, specs))
+    return out
+
+
+def open_port(path):
+    port = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(port)
+    return port
+
+
 try:
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
     policy = "SCHED_FIFO"
@@ -64,7 +79,8 @@ class Relay:
     """Requests to the host sim, written as the port takes them; answers read as they come.
     The sim applies the lines in order, so they need not wait for each other's answers."""
 
-    def __init__(self):
+    def __init__(self, port):
+        self.port = port
         self.pending = b""
         self.unanswered = 0
         self.answers = b""
@@ -78,12 +94,12 @@ class Relay:
     def pump(self):
         if self.pending:
             try:
-                self.pending = self.pending[os.write(port, self.pending):]
+                self.pending = self.pending[os.write(self.port, self.pending):]
             except BlockingIOError:
                 pass
         if self.unanswered:
             try:
-                self.answers += os.read(port, 256)
+                self.answers += os.read(self.port, 256)
             except BlockingIOError:
                 return
             *done, self.answers = self.answers.split(b"\n")
@@ -91,16 +107,47 @@ class Relay:
             self.errors += [a for a in done if a.strip() != b"ok"]
 
 
+class Board:
+    """One board's lines, its relay to its sim and its log."""
+
+    def __init__(self, port, log_path, specs):
+        self.lines = []  # (role, name, fd of its value file)
+        for spec in specs:
+            role, _, rest = spec.partition(":")
+            name, _, path = rest.partition("=")
+            self.lines.append((role, name, os.open(path, os.O_RDONLY)))
+        self.relay = Relay(open_port(port))
+        self.log = open(log_path, "a", buffering=1)
+        self.last = None
+
+    def read(self):
+        # pread at 0 reads a sysfs attribute afresh without reopening it.
+        return [(role, name, os.pread(fd, 1, 0) == b"1") for role, name, fd in self.lines]
+
+    def update(self, levels, after, finished):
+        """Logs and relays new levels; otherwise moves the relay on."""
+        en = all(v for role, _, v in levels if role == "en")
+        io0 = all(v for role, _, v in levels if role == "io0")
+        if (en, io0) != self.last:
+            named = " ".join(f"{name}={int(v)}" for _, name, v in levels)
+            self.log.write(f"{after:.6f} {finished:.6f} {word(en)} {word(io0)} {named}\n")
+            self.relay.send(f"en={word(en)} io0={word(io0)}\n".encode())
+            self.last = (en, io0)
+        elif self.relay.pending or self.relay.unanswered:
+            self.relay.pump()
+
+
+boards = [Board(*g) for g in groups(sys.argv[1:])]
+
+
 def sample():
-    """(levels, started, finished): each line's level, read between `started` and `finished`."""
+    """(levels, started, finished): each board's lines' levels, read between `started` and
+    `finished`."""
     started = time.monotonic()
-    # pread at 0 reads a sysfs attribute afresh without reopening it.
-    levels = [(role, name, os.pread(fd, 1, 0) == b"1") for role, name, fd in lines]
+    levels = [b.read() for b in boards]
     return levels, started, time.monotonic()
 
 
-relay = Relay()
-last = None
 last_started = None
 samples = 0
 gaps = []  # gaps between samples over 5 ms, for the closing comment
@@ -115,16 +162,8 @@ while True:
             longest = gap
         if gap > 0.005:
             gaps.append(gap)
-    en = all(v for role, _, v in levels if role == "en")
-    io0 = all(v for role, _, v in levels if role == "io0")
-    if (en, io0) != last:
-        after = started if last is None else last_started
-        named = " ".join(f"{name}={int(v)}" for _, name, v in levels)
-        log.write(f"{after:.6f} {finished:.6f} {word(en)} {word(io0)} {named}\n")
-        relay.send(f"en={word(en)} io0={word(io0)}\n".encode())
-        last = (en, io0)
-    elif relay.pending or relay.unanswered:
-        relay.pump()
+    for board, board_levels in zip(boards, levels):
+        board.update(board_levels, started if last_started is None else last_started, finished)
     last_started = started
     if finished >= next_stop_check:
         next_stop_check = finished + 0.1
@@ -133,10 +172,13 @@ while True:
     time.sleep(PERIOD)
 
 deadline = time.monotonic() + 10
-while (relay.pending or relay.unanswered) and time.monotonic() < deadline:
-    relay.pump()
+while any(b.relay.pending or b.relay.unanswered for b in boards) and time.monotonic() < deadline:
+    for b in boards:
+        b.relay.pump()
     time.sleep(0.01)
-log.write(f"# {samples} samples ({policy}); longest gap {longest * 1000:.1f} ms; {len(gaps)} gaps over 5 ms"
-          f"{' (' + ', '.join(f'{g * 1000:.0f}' for g in sorted(gaps)[-10:]) + ' ms the longest)' if gaps else ''}\n")
-if relay.unanswered or relay.errors:
-    log.write(f"# relay: {relay.unanswered} requests unanswered; answers other than ok: {relay.errors[:5]}\n")
+for b in boards:
+    relay = b.relay
+    b.log.write(f"# {samples} samples ({policy}); longest gap {longest * 1000:.1f} ms; {len(gaps)} gaps over 5 ms"
+                f"{' (' + ', '.join(f'{g * 1000:.0f}' for g in sorted(gaps)[-10:]) + ' ms the longest)' if gaps else ''}\n")
+    if relay.unanswered or relay.errors:
+        b.log.write(f"# relay: {relay.unanswered} requests unanswered; answers other than ok: {relay.errors[:5]}\n")
