@@ -687,6 +687,23 @@ class FdEnd:
         os.close(self.fd)
 
 
+def wait_device_open(pid, path, deadline):
+    """Waits until process `pid` has `path` open (its /proc fd links), or raises."""
+    target = os.path.realpath(path)
+    while time.monotonic() < deadline:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"the server did not open {path} in time")
+
+
 def bulk_once(route, mode, nbytes, timeout):
     """One transfer through a fresh server in front of a fresh device. Returns a dict."""
     dev = Device({"up": "sink", "down": "source", "both": "echo"}[mode])
@@ -702,6 +719,11 @@ def bulk_once(route, mode, nbytes, timeout):
             client = TcpClient(server.port, telnet=(route.kind == "rfc2217"))
             end = client.sock
             count = client.payload
+            if mode == "down":
+                # A raw client has no handshake to wait for, and esp-bridge empties the tty's
+                # input when its session opens the device (bytes from before are stale): the
+                # device starts sending only once the server holds it open.
+                wait_device_open(server.pid, dev.path, deadline=time.monotonic() + 10)
             cpu0 = cpu_seconds(server.pid)
             ns0 = task_cpu_ns(server.pid)
         deadline = time.monotonic() + timeout
@@ -839,9 +861,10 @@ def make_image(size):
 
 
 class Sim:
-    def __init__(self, tag):
+    def __init__(self, tag, event_log=None):
         link = os.path.join(TMP, f"esp32-{tag}")
-        self.proc = spawn([CFG.sim, "--pace", "--boot", "download", "--link", link],
+        extra = ["--event-log", event_log] if event_log else []
+        self.proc = spawn([CFG.sim, "--pace", "--boot", "download", "--link", link, *extra],
                           f"sim-{tag}.log", stdout=subprocess.PIPE, text=True)
         read_line(self.proc.stdout, 10, "the sim's device path")
         self.path = os.path.realpath(link)

@@ -76,9 +76,13 @@ class Flooder:
         self.sock.close()
 
 
-def flash_at_once(b, n, image, size, flood=False, timeout=300):
+def flash_at_once(b, n, image, size, flood=False, direct=False, timeout=300):
     """n boards behind one service; every board flashed at once, or with flood=True board 1
-    flooded and boards 2..n flashed. Returns per-board seconds and the server's figures."""
+    flooded and boards 2..n flashed. Returns per-board seconds and the server's figures.
+    direct=True: the same n flashes at once on the chips' own ptys, with no service (the
+    floor: how much the machine itself slows n esptools and n chips down)."""
+    if direct:
+        return flash_direct(b, n, image)
     tag = f"{n}{'-flood' if flood else ''}-{time.monotonic_ns()}"
     sims = [b.Sim(f"boards-{tag}-{i}") for i in range(n)]
     server = None
@@ -137,22 +141,63 @@ def flash_at_once(b, n, image, size, flood=False, timeout=300):
             s.close()
 
 
+def flash_direct(b, n, image, timeout=300):
+    tag = f"{n}-direct-{time.monotonic_ns()}"
+    sims = [b.Sim(f"boards-{tag}-{i}") for i in range(n)]
+    procs = []
+    try:
+        for i, sim in enumerate(sims):
+            cmd = [b.CFG.esptool, "--port", sim.path, "--before", "no-reset", "--after", "no-reset",
+                   "-b", "921600", "write-flash", "0x10000", image]
+            out = open(os.path.join(b.TMP, f"esptool-boards-{tag}-{i}.log"), "wb")
+            procs.append((i, time.perf_counter(), subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), out))
+        secs = {}
+        deadline = time.monotonic() + timeout
+        while len(secs) < len(procs):
+            if time.monotonic() > deadline:
+                return {"error": f"timeout {timeout} s with {len(procs) - len(secs)} chips unfinished"}
+            for i, t0, p, _ in procs:
+                if i not in secs and p.poll() is not None:
+                    secs[i] = time.perf_counter() - t0
+            time.sleep(0.005)
+        for i, _, p, out in procs:
+            out.close()
+            with open(out.name, "rb") as f:
+                text = f.read().decode(errors="replace")
+            if p.returncode != 0 or "Hash of data verified" not in text:
+                return {"error": f"chip {i + 1}: rc {p.returncode}: " + " / ".join(text.strip().splitlines()[-3:])}
+        return {"secs": [secs[i] for i in range(n)]}
+    finally:
+        for _, _, p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for s in sims:
+            s.close()
+
+
 def run(b, image, size, counts=(1, 2, 4, 8), reps=2):
     """Every count `reps` times, interleaved; each board's best time is kept (the run least
     disturbed by the machine's other work), as are the least CPU and the highest VmHWM."""
     order = [(n, False) for n in counts] + [(max(counts[-2], 2), True)]
     cases = [((n, flood), f"boards: {n} at once{' (board 1 flooded)' if flood else ''}")
              for n, flood in order]
+    cases += [((n, "direct"), f"boards: {n} chips flashed at once on their own ptys, no service")
+              for n in counts if n > 1]
 
     def merge(best, res):
         best["secs"] = [min(a, c) for a, c in zip(best["secs"], res["secs"])]
+        if "cpu_ms_per_mib" not in best:
+            return best
         best["cpu_ms_per_mib"] = min(best["cpu_ms_per_mib"], res["cpu_ms_per_mib"])
         best["hwm_mib"] = max(best["hwm_mib"], res["hwm_mib"])
         if "flood_mib" in res:
             best["flood_mib"] = max(best["flood_mib"], res["flood_mib"])
         return best
 
-    return b.repeated(reps, cases, lambda key: flash_at_once(b, key[0], image, size, flood=key[1]), merge)
+    return b.repeated(reps, cases, lambda key: flash_at_once(
+        b, key[0], image, size, flood=key[1] is True, direct=key[1] == "direct"), merge)
 
 
 def report(results, size, table, verdict):
@@ -166,7 +211,16 @@ def report(results, size, table, verdict):
     alone = results.get((1, False), {}).get("secs", [None])[0]
     one_cpu = results.get((1, False), {}).get("cpu_ms_per_mib")
     rows, lines = [], []
-    for (n, flood), r in sorted(results.items()):
+    direct = {n: r for (n, kind), r in results.items() if kind == "direct" and "error" not in r}
+    for (n, flood), r in sorted(results.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        if flood == "direct":
+            if "error" in r:
+                rows.append([f"{n} chips, no service (local ptys)", "error: " + r["error"][:80], "", "", "", ""])
+            else:
+                worst = max(r["secs"])
+                rows.append([f"{n} chips, no service (local ptys)", ", ".join(f"{s:.2f}" for s in r["secs"]),
+                             f"{worst / alone:.3f}x" if alone else "-", "-", "-", "-"])
+            continue
         label = f"{n} boards" + (", board 1 flooded" if flood else "")
         if "error" in r:
             rows.append([label, "error: " + r["error"][:80], "", "", "", ""])
@@ -180,6 +234,11 @@ def report(results, size, table, verdict):
             what = "the flashing boards beside a flooded one" if flood else f"{n} boards"
             lines.append(f"- {what}: slowest board / one board alone = {worst / alone:.3f}x (target <= 1.05x): "
                          f"{verdict(worst / alone <= 1.05)}")
+            floor = direct.get(n - 1 if flood else n)
+            if floor:
+                lines.append(f"  - against the same {len(floor['secs'])} chips flashed at once on their own ptys "
+                             f"with no service (the machine's own slowdown of that many esptools and chips): "
+                             f"{worst / max(floor['secs']):.3f}x (not a target: what the service adds)")
         if one_cpu and n > 1 and not flood:
             # utime+stime count in 10 ms ticks: each figure may be off by one tick over its MiB.
             tick = 10 / (size / MiB) + 10 / (size * n / MiB)
