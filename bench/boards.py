@@ -76,19 +76,53 @@ class Flooder:
         self.sock.close()
 
 
+def flash_all(b, tag, ports, image, timeout):
+    """esptool 5 `-b 921600 write-flash` of `image` to every port at once. Returns
+    {"secs": [each port's whole command]} or {"error": ...}; kills what is left on the way out."""
+    procs = []
+    try:
+        for i, port in enumerate(ports):
+            cmd = [b.CFG.esptool, "--port", port, "--before", "no-reset", "--after", "no-reset",
+                   "-b", "921600", "write-flash", "0x10000", image]
+            out = open(os.path.join(b.TMP, f"esptool-boards-{tag}-{i}.log"), "wb")
+            procs.append((time.perf_counter(), subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), out))
+        secs = {}
+        deadline = time.monotonic() + timeout
+        while len(secs) < len(procs):
+            if time.monotonic() > deadline:
+                return {"error": f"timeout {timeout} s with {len(procs) - len(secs)} unfinished"}
+            for i, (t0, p, _) in enumerate(procs):
+                if i not in secs and p.poll() is not None:
+                    secs[i] = time.perf_counter() - t0
+            time.sleep(0.005)
+        for i, (_, p, out) in enumerate(procs):
+            out.close()
+            with open(out.name, "rb") as f:
+                text = f.read().decode(errors="replace")
+            if p.returncode != 0 or "Hash of data verified" not in text:
+                return {"error": f"{ports[i]}: rc {p.returncode}: " + " / ".join(text.strip().splitlines()[-3:])}
+        return {"secs": [secs[i] for i in range(len(procs))]}
+    finally:
+        for _, p, out in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+
+
 def flash_at_once(b, n, image, size, flood=False, direct=False, timeout=300):
     """n boards behind one service; every board flashed at once, or with flood=True board 1
     flooded and boards 2..n flashed. Returns per-board seconds and the server's figures.
     direct=True: the same n flashes at once on the chips' own ptys, with no service (the
     floor: how much the machine itself slows n esptools and n chips down)."""
-    if direct:
-        return flash_direct(b, n, image)
-    tag = f"{n}{'-flood' if flood else ''}-{time.monotonic_ns()}"
+    tag = f"{n}{'-flood' if flood else ''}{'-direct' if direct else ''}-{time.monotonic_ns()}"
     sims = [b.Sim(f"boards-{tag}-{i}") for i in range(n)]
     server = None
     flooder = None
-    procs = []
     try:
+        if direct:
+            return flash_all(b, tag, [s.path for s in sims], image, timeout)
         cfg, raw, rfc = _config(b, tag, [s.path for s in sims])
         server = b.spawn([b.CFG.bin, "--config", cfg], f"esp-bridge-boards-{tag}.log", env=b.CFG.server_env)
         b.wait_listening(server, raw + rfc, timeout=20)
@@ -97,82 +131,22 @@ def flash_at_once(b, n, image, size, flood=False, direct=False, timeout=300):
             flooder = Flooder(rfc[0])
             time.sleep(1.0)  # the flood is in full swing before the others start
         cpu0 = b.cpu_seconds(server.pid)
-        for i in flashed:
-            cmd = [b.CFG.esptool, "--port", f"socket://127.0.0.1:{raw[i]}", "--before", "no-reset",
-                   "--after", "no-reset", "-b", "921600", "write-flash", "0x10000", image]
-            out = open(os.path.join(b.TMP, f"esptool-boards-{tag}-{i}.log"), "wb")
-            procs.append((i, time.perf_counter(), subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), out))
-        secs = {}
-        deadline = time.monotonic() + timeout
-        while len(secs) < len(procs):
-            if time.monotonic() > deadline:
-                return {"error": f"timeout {timeout} s with {len(procs) - len(secs)} boards unfinished"}
-            for i, t0, p, _ in procs:
-                if i not in secs and p.poll() is not None:
-                    secs[i] = time.perf_counter() - t0
-            time.sleep(0.005)
+        res = flash_all(b, tag, [f"socket://127.0.0.1:{raw[i]}" for i in flashed], image, timeout)
+        if "error" in res:
+            return res
         cpu = b.cpu_seconds(server.pid) - cpu0
         mem = b.vm_hwm_kib(server.pid) or {}
-        for i, _, p, out in procs:
-            out.close()
-            with open(out.name, "rb") as f:
-                text = f.read().decode(errors="replace")
-            if p.returncode != 0 or "Hash of data verified" not in text:
-                return {"error": f"board esp{i + 1}: rc {p.returncode}: "
-                                 + " / ".join(text.strip().splitlines()[-3:])}
-        res = {"secs": [secs[i] for i in flashed],
-               "cpu_ms_per_mib": cpu * 1000 / (size * len(flashed) / MiB),
-               "hwm_mib": mem.get("VmHWM", 0) / 1024}
+        res["cpu_ms_per_mib"] = cpu * 1000 / (size * len(flashed) / MiB)
+        res["hwm_mib"] = mem.get("VmHWM", 0) / 1024
         if flooder:
             res["flood_mib"] = flooder.sent / MiB
             res["server_alive"] = server.poll() is None
         return res
     finally:
-        for _, _, p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         if flooder:
             flooder.close()
         if server:
             b.stop(server)
-        for s in sims:
-            s.close()
-
-
-def flash_direct(b, n, image, timeout=300):
-    tag = f"{n}-direct-{time.monotonic_ns()}"
-    sims = [b.Sim(f"boards-{tag}-{i}") for i in range(n)]
-    procs = []
-    try:
-        for i, sim in enumerate(sims):
-            cmd = [b.CFG.esptool, "--port", sim.path, "--before", "no-reset", "--after", "no-reset",
-                   "-b", "921600", "write-flash", "0x10000", image]
-            out = open(os.path.join(b.TMP, f"esptool-boards-{tag}-{i}.log"), "wb")
-            procs.append((i, time.perf_counter(), subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), out))
-        secs = {}
-        deadline = time.monotonic() + timeout
-        while len(secs) < len(procs):
-            if time.monotonic() > deadline:
-                return {"error": f"timeout {timeout} s with {len(procs) - len(secs)} chips unfinished"}
-            for i, t0, p, _ in procs:
-                if i not in secs and p.poll() is not None:
-                    secs[i] = time.perf_counter() - t0
-            time.sleep(0.005)
-        for i, _, p, out in procs:
-            out.close()
-            with open(out.name, "rb") as f:
-                text = f.read().decode(errors="replace")
-            if p.returncode != 0 or "Hash of data verified" not in text:
-                return {"error": f"chip {i + 1}: rc {p.returncode}: " + " / ".join(text.strip().splitlines()[-3:])}
-        return {"secs": [secs[i] for i in range(n)]}
-    finally:
-        for _, _, p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         for s in sims:
             s.close()
 
@@ -239,7 +213,7 @@ def report(results, size, table, verdict):
                 lines.append(f"  - against the same {len(floor['secs'])} chips flashed at once on their own ptys "
                              f"with no service (the machine's own slowdown of that many esptools and chips): "
                              f"{worst / max(floor['secs']):.3f}x (not a target: what the service adds)")
-        if one_cpu and n > 1 and not flood:
+        if one_cpu is not None and n > 1 and not flood:
             # utime+stime count in 10 ms ticks: each figure may be off by one tick over its MiB.
             tick = 10 / (size / MiB) + 10 / (size * n / MiB)
             lines.append(f"- {n} boards: server CPU per MiB {r['cpu_ms_per_mib']:.1f} ms vs one board "
