@@ -6,6 +6,7 @@
 //! Pure: time comes in as milliseconds since the application's boot; text
 //! comes out ready to send (ESP-IDF's console turns `\n` into `\r\n`).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 /// Longest input line kept; the rest of an over-long line is dropped, as a
@@ -72,7 +73,7 @@ const BOOT_LOG: &[(u64, &str)] = &[
 
 #[derive(Debug)]
 pub struct App {
-    boot_log: VecDeque<(u64, &'static str)>,
+    boot_log: VecDeque<(u64, Cow<'static, str>)>,
     next_tick_ms: u64,
     uptime_s: u64,
     line: Vec<u8>,
@@ -85,8 +86,8 @@ impl App {
     pub fn new(skip_bootloader: bool) -> App {
         let boot_log = BOOT_LOG
             .iter()
-            .copied()
             .filter(|(_, l)| !(skip_bootloader && l.contains(" boot")))
+            .map(|&(at, l)| (at, Cow::Borrowed(l)))
             .collect();
         App {
             boot_log,
@@ -97,14 +98,30 @@ impl App {
         }
     }
 
+    /// Names the application the flash holds in its start-up log (ESP-IDF prints its ELF
+    /// file's SHA256 there): `digest` is what the chip computed of its app partition, so that
+    /// a test can tell which image booted.
+    pub fn with_image_digest(mut self, digest: &str) -> App {
+        let line = format!("I (156) app_init: App image MD5:    {digest}");
+        let at = self
+            .boot_log
+            .iter()
+            .position(|(t, _)| *t > 156)
+            .unwrap_or(self.boot_log.len());
+        self.boot_log.insert(at, (156, Cow::Owned(line)));
+        self
+    }
+
     /// The output due at `now_ms` since boot.
     pub fn poll(&mut self, now_ms: u64) -> Vec<u8> {
         let mut out = Vec::new();
-        while let Some(&(at, line)) = self.boot_log.front() {
-            if at > now_ms {
+        while let Some((at, _)) = self.boot_log.front() {
+            if *at > now_ms {
                 break;
             }
-            self.boot_log.pop_front();
+            let Some((_, line)) = self.boot_log.pop_front() else {
+                break;
+            };
             out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
@@ -123,7 +140,7 @@ impl App {
     /// When [`App::poll`] next has something to say.
     pub fn next_due_ms(&self) -> u64 {
         match self.boot_log.front() {
-            Some(&(at, _)) => at,
+            Some((at, _)) => *at,
             None => self.next_tick_ms,
         }
     }

@@ -38,6 +38,10 @@ use super::{
 
 /// The ESP32 ROM's UART rate after any reset (40 MHz crystal).
 pub const BOOT_BAUD: u32 = 115_200;
+/// Where the application partition starts, and how much of it names the image.
+const APP_OFFSET: u32 = 0x10000;
+const APP_DIGEST_LEN: usize = 64 * 1024;
+
 /// From EN rising (or a software reset) to the ROM's first output.
 const ROM_STARTUP: Duration = Duration::from_millis(3);
 /// Bound on bytes waiting to go out; beyond it the line is "busy" and new
@@ -324,6 +328,19 @@ impl Chip {
         self.send(text);
     }
 
+    /// The first 16 hex digits of the MD5 of the app partition's first 64 KiB (at 0x10000):
+    /// which image the chip boots.
+    fn app_digest(&self) -> String {
+        use md5::{Digest, Md5};
+        let flash = self.shared.lock_flash();
+        let image = flash.read(APP_OFFSET, APP_DIGEST_LEN).unwrap_or(&[]);
+        Md5::digest(image)
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     fn boot(&mut self, boot: Boot, at: Instant) {
         match (boot, self.latched) {
             (Boot::Rom(cause), BootMode::Download) => {
@@ -342,14 +359,14 @@ impl Chip {
                 let text = format!("{ROM_BANNER}{}{SPI_BOOT}{SPI_BOOT_TAIL}", cause.rst());
                 self.send(text.into_bytes());
                 self.run = Run::App {
-                    app: App::new(false),
+                    app: App::new(false).with_image_digest(&self.app_digest()),
                     boot_at: at,
                 };
                 self.set_mode(ChipMode::App, at);
             }
             (Boot::AppDirect, _) => {
                 self.run = Run::App {
-                    app: App::new(true),
+                    app: App::new(true).with_image_digest(&self.app_digest()),
                     boot_at: at,
                 };
                 self.set_mode(ChipMode::App, at);
