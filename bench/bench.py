@@ -14,6 +14,8 @@ environment); `bench/run --help` lists the options. Sections:
   boards    one service with 1, 2, 4 and 8 boards, all flashed at once through their raw
             ports, and one board flooded while the others flash (bench/boards.py)
   flash     the raw port's flash_baud against a local cable (bench/flash_rate.py)
+  watchers  a flash with watchers attached against one without, and their memory
+            (bench/watchers.py)
 
 The esptool, latency and bulk sections run esp-bridge with flash_baud = 0 (the client's own
 rate), so that they compare the bridge with a cable and its peers at the same rate; the flash
@@ -42,6 +44,7 @@ import serial.rfc2217
 
 import boards
 import flash_rate
+import watchers
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -848,6 +851,27 @@ def callgrind_once(route, nbytes, chunk=CG_CHUNK):
 # esptool against the paced virtual ESP32.
 
 
+def image_file(size):
+    """The benchmark's image of `size` bytes, written to the run's directory."""
+    path = os.path.join(TMP, "image.bin")
+    with open(path, "wb") as f:
+        f.write(make_image(size))
+    return path
+
+
+def timed_write_flash(cmd, timeout):
+    """Runs an esptool write-flash command: {"secs"} on success (whole command), {"error"}
+    with esptool's last lines otherwise."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    secs = time.perf_counter() - t0
+    text = r.stdout.decode(errors="replace")
+    if r.returncode != 0 or "Hash of data verified" not in text:
+        return {"error": f"rc {r.returncode}: " + " / ".join(text.strip().splitlines()[-3:])}
+    return {"secs": secs}
+
+
 def make_image(size):
     """A deterministic image that zlib -9 (esptool's compression) shrinks to about half, as it
     does ESP-IDF application images (50-65 %): 4 KiB blocks of 1664 random bytes followed by
@@ -984,7 +1008,7 @@ def main():
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer iterations, smaller transfers (~3 min)")
-    ap.add_argument("--only", default="latency,bulk,callgrind,esptool,boards,flash",
+    ap.add_argument("--only", default="latency,bulk,callgrind,esptool,boards,flash,watchers",
                     help="comma-separated sections to run (default: all)")
     ap.add_argument("--routes", default=",".join(r.key for r in ROUTES),
                     help="comma-separated routes: " + ",".join(r.key for r in ROUTES))
@@ -1157,9 +1181,7 @@ def main():
 
         # ---- many boards behind one service
         if "boards" in sections:
-            image = os.path.join(TMP, "image.bin")
-            with open(image, "wb") as f:
-                f.write(make_image(img_size))
+            image = image_file(img_size)
             results["boards"] = boards.run(sys.modules[__name__], image, img_size,
                                            counts=(1, 2, 4) if quick else (1, 2, 4, 8),
                                            reps=1 if quick else 2)
@@ -1167,11 +1189,15 @@ def main():
 
         # ---- the raw port's flash rate
         if "flash" in sections:
-            image = os.path.join(TMP, "image.bin")
-            with open(image, "wb") as f:
-                f.write(make_image(img_size))
+            image = image_file(img_size)
             results["flash"] = flash_rate.run(sys.modules[__name__], image, reps=1 if quick else 2)
             results["flash_size"] = img_size
+
+        # ---- watchers beside the writer
+        if "watchers" in sections:
+            image = image_file(img_size)
+            results["watchers"] = watchers.run(sys.modules[__name__], image, reps=1 if quick else 3)
+            results["watchers_size"] = img_size
     except Interrupted as e:
         log(f"interrupted ({e}): stopping every process this run started")
         cleanup()
@@ -1188,7 +1214,7 @@ def main():
     if not args.no_write:
         write_results(text)
         if not quick and len(routes) == len(ROUTES) and sections == {"latency", "bulk", "callgrind", "esptool",
-                                                                      "boards", "flash"}:
+                                                                      "boards", "flash", "watchers"}:
             write_readme_summary(head[:3] + head[4:5], summary(results, routes))
 
 
@@ -1356,6 +1382,11 @@ def report(results, routes, esptool_ops, img_size, quick):
     if results.get("flash"):
         text, lines = flash_rate.report(results["flash"], results["flash_size"], table,
                                         lambda ok: "**met**" if ok else "**missed**")
+        out.append(text)
+        board_lines += lines
+    if results.get("watchers"):
+        text, lines = watchers.report(results["watchers"], results["watchers_size"], table,
+                                      lambda ok: "**met**" if ok else "**missed**")
         out.append(text)
         board_lines += lines
 

@@ -13,7 +13,6 @@ disturbed by the machine's other work).
 
 import json
 import os
-import subprocess
 import time
 
 MiB = 1 << 20
@@ -49,14 +48,10 @@ def once(b, flash_baud, client_baud, image, timeout=400):
         if client_baud:
             cmd += ["-b", str(client_baud)]
         cmd += ["write-flash", "0x10000", image]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
-        secs = time.perf_counter() - t0
-        text = r.stdout.decode(errors="replace")
-        if r.returncode != 0 or "Hash of data verified" not in text:
-            return {"error": f"rc {r.returncode}: " + " / ".join(text.strip().splitlines()[-3:])}
-        return {"secs": secs, "stub_secs": stub_at_work(events)}
+        result = b.timed_write_flash(cmd, timeout)
+        if "error" not in result:
+            result["stub_secs"] = stub_at_work(events)
+        return result
     finally:
         if server:
             server.close()
