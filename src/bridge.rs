@@ -1,68 +1,48 @@
-//! One board's bridge: its listeners, its accept policy (one client at a time; a newcomer is
-//! refused or replaces the current client, as configured), the active session, the board's
+//! One board's bridge: its listeners, its connections (every one watches; one at a time
+//! writes, see [`crate::seat`]), the serial device while anyone is connected, the board's
 //! status, and its part of the shutdown.
 //!
-//! Each accepted client gets the serial device opened for it and a [`Session`]. When a session
-//! ends, however it ends, the control lines are released here, once. On shutdown the accept
-//! loops stop, the active session is told to finish (its input is handed to the UART, its
-//! client told why), and the lines reach their safe state before [`Bridge::run`] returns.
+//! The bridge task is the only owner of the board's decisions: connections ask it for the
+//! device ([`ToBoard::Claim`]) and give it back ([`ToBoard::Returned`]). While nobody writes,
+//! an idle reader holds the device and hands its output to the watchers ([`Fanout`]). The
+//! device is opened when the first client connects and closed when the last leaves; the
+//! control lines are released each time a writer stops. On shutdown every connection is told
+//! to finish (a writer hands its input to the UART and tells its client why), and the lines
+//! reach their safe state before [`Bridge::run`] returns.
 
 use crate::config::{BoardConfig, Config, ControlBackend, Network, SecondClient};
+use crate::connection::BoardContext;
+use crate::fanout::Fanout;
 use crate::log_limit::limited;
-use crate::session::{
-    ComPort, Framing, Phase, Report, Session, SessionInfo, SharedControl, StopRequest,
-};
+use crate::protocol::{Engine, PortKind};
+use crate::seat::{Decision, Heard, Seat, SeatPolicy, WriterState};
+use crate::session::{ClientView, SharedControl, StopRequest};
 use crate::shutdown::stopping;
 use crate::status::{Activity, BoardStatus, StatusBook, StatusHandle};
-use crate::timer;
 use crate::uart::{SerialDevice, describe_open_error};
+use crate::watcher::{ClaimAnswer, Client, ToBoard};
 use socket2::{SockRef, TcpKeepalive};
+use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-/// How long a stopping session may take before the service exits anyway.
+/// How long stopping connections may take before the service exits anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+/// The most connections one board serves at once (one writer, the rest watchers); more are
+/// refused with the reason.
+pub const MAX_CLIENTS: usize = 32;
 
-struct Active {
-    id: u64,
-    peer: SocketAddr,
-    stop: watch::Sender<Option<StopRequest>>,
-    phase: watch::Receiver<Phase>,
-    task: JoinHandle<()>,
-}
-
-/// How long a newcomer waits for a served client that may be on its way out (its close is
-/// in flight) before the refuse/replace policy applies: `idf.py flash monitor` and CI scripts
-/// connect again right after esptool closes.
-const NEWCOMER_GRACE: Duration = Duration::from_millis(500);
-
-/// Which protocol a listening port speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortKind {
-    /// Telnet + RFC 2217 (`rfc2217://`).
-    Rfc2217,
-    /// The ESP-aware raw port (`socket://`).
-    EspRaw,
-}
-
-impl std::fmt::Display for PortKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PortKind::Rfc2217 => "RFC 2217",
-            PortKind::EspRaw => "ESP raw",
-        })
-    }
-}
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
 /// The span every log line of a board is in: the journal gets its `BOARD=` field from it
 /// (`journalctl -u esp-bridge BOARD=lab1`).
@@ -81,11 +61,32 @@ pub struct Bridge {
     status: StatusHandle,
 }
 
-/// Refusals (a newcomer told the board is busy) under way at once, each bounded in time.
+/// Refusals (a newcomer told why it is not served) under way at once, each bounded in time.
 const MAX_REFUSALS: usize = 8;
 
 /// How long the control lines may take to reach their safe state at shutdown.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One connection, as the bridge knows it.
+struct Member {
+    peer: SocketAddr,
+    heard: Heard,
+    stop: watch::Sender<Option<StopRequest>>,
+    task: tokio::task::Id,
+}
+
+/// Everything the bridge task decides about, apart from the configuration.
+struct Board {
+    members: HashMap<u64, Member>,
+    tasks: JoinSet<u64>,
+    seat: Seat,
+    device: Device,
+    fanout: Fanout,
+    /// A takeover waiting for the old writer to hand the device back.
+    takeover: Option<(u64, oneshot::Sender<ClaimAnswer>)>,
+    control: SharedControl,
+    status: StatusHandle,
+}
 
 impl Bridge {
     /// Adds the board to `book` (idle, listening on `listeners`).
@@ -141,79 +142,422 @@ impl Bridge {
             ));
         }
         drop(accepted_tx);
+        let (to_board, mut from_clients) = mpsc::channel::<ToBoard>(16);
         let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-        let mut active: Option<Active> = None;
-        // A newcomer that arrived while a client was served, waiting a moment to see whether
-        // that client is on its way out (it just closed; it half-closed).
-        let mut waiting: Option<(Accepted, Instant)> = None;
+        let mut board = Board {
+            members: HashMap::new(),
+            tasks: JoinSet::new(),
+            seat: Seat::new(served.policy()),
+            device: Device::Closed,
+            fanout: Fanout::new(),
+            takeover: None,
+            control,
+            status,
+        };
         loop {
-            let leaving = active
-                .as_ref()
-                .is_some_and(|a| *a.phase.borrow() != Phase::Serving);
-            if leaving && let Some((newcomer, _)) = waiting.take() {
-                // The client on its way out yields the board; the newcomer is served as soon
-                // as it is gone (bounded by STOP_TIMEOUT).
-                end_session(&mut active, &control, StopRequest::Yielded).await;
-                let config = served.latest(&mut config);
-                active = Some(start_session(
-                    config,
-                    newcomer,
-                    control.clone(),
-                    status.clone(),
-                ));
-                continue;
-            }
             tokio::select! {
+                // A connection's messages before its end: a writer hands the device back
+                // before its task ends, and that must be seen first.
+                biased;
                 () = stopping(&mut shutdown) => break,
+                Some(message) = from_clients.recv() => match message {
+                    ToBoard::Claim { id, peer, answer } => board.claim(id, peer, answer).await,
+                    ToBoard::Returned { id, uart } => board.returned(id, uart).await,
+                },
                 next = accepted.recv() => {
                     let Some(newcomer) = next else { break };
-                    if active.as_ref().is_some_and(|a| a.task.is_finished()) {
-                        end_session(&mut active, &control, StopRequest::Shutdown).await;
-                    }
-                    let config = served.latest(&mut config);
-                    match (&active, &waiting) {
-                        (None, _) => {
-                            active = Some(start_session(config, newcomer, control.clone(), status.clone()));
-                        }
-                        (Some(_), None) => waiting = Some((newcomer, Instant::now() + NEWCOMER_GRACE)),
-                        (Some(_), Some(_)) => {
-                            // One newcomer waits at a time; the next is decided at once.
-                            if let Some(started) = decide(&config, newcomer, &mut active, &control, &refusals).await {
-                                active = Some(start_session(config, started, control.clone(), status.clone()));
-                            }
-                        }
-                    }
+                    let served = served.latest(&mut config);
+                    board.seat.set_policy(served.policy());
+                    board.admit(&served, newcomer, &to_board, &refusals);
                 }
-                () = timer::sleep_until(waiting.as_ref().map(|(_, at)| *at)) => {
-                    if let Some((newcomer, _)) = waiting.take() {
-                        let config = served.latest(&mut config);
-                        if let Some(started) = decide(&config, newcomer, &mut active, &control, &refusals).await {
-                            active = Some(start_session(config, started, control.clone(), status.clone()));
-                        }
-                    }
+                Some(joined) = board.tasks.join_next_with_id() => {
+                    let id = match joined {
+                        Ok((_, id)) => id,
+                        Err(e) => board.member_of_task(e.id()),
+                    };
+                    board.left(id).await;
                 }
-                watched = watch_session(&mut active) => {
-                    if let Watched::Finished = watched {
-                        // Its task has ended (and must not be awaited again): only the lines.
-                        active = None;
-                        release(&control);
-                        if let Some((newcomer, _)) = waiting.take() {
-                            let config = served.latest(&mut config);
-                            active = Some(start_session(config, newcomer, control.clone(), status.clone()));
-                        }
-                    }
+                failed = board.device.failed() => {
+                    limited!(error, "device failures", "serial device {} failed: {failed}", served.board.serial.device.display());
+                    board.device = Device::Closed;
+                    board.device_gone(&served);
                 }
             }
         }
         for a in acceptors {
             a.abort();
         }
-        drop(waiting);
-        end_session(&mut active, &control, StopRequest::Shutdown).await;
+        board.stop_all(StopRequest::Shutdown);
+        // Writers hand the device back while they stop: keep taking their messages.
+        let all_gone = async {
+            loop {
+                tokio::select! {
+                    joined = board.tasks.join_next() => if joined.is_none() { break },
+                    Some(message) = from_clients.recv() => {
+                        if let ToBoard::Returned { uart: Some(uart), .. } = message {
+                            drop(uart);
+                        }
+                        release(&board.control);
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, all_gone).await.is_err() {
+            tracing::warn!("connections did not stop in time; abandoning them");
+            board.tasks.abort_all();
+        }
+        board.device.close().await;
+        release(&board.control);
         // The lines reach their safe state before the process (and its line request) ends.
-        let settled = lock(&control).settled();
+        let settled = lock(&board.control).settled();
         if tokio::time::timeout(SETTLE_TIMEOUT, settled).await.is_err() {
             tracing::warn!("the control lines did not reach their safe state in time");
+        }
+    }
+}
+
+impl Board {
+    /// A new connection: it watches from now on (the device is opened for the first one).
+    fn admit(
+        &mut self,
+        served: &Served,
+        (stream, peer, kind): Accepted,
+        to_board: &mpsc::Sender<ToBoard>,
+        refusals: &Arc<Semaphore>,
+    ) {
+        if self.members.len() >= MAX_CLIENTS {
+            let why = format!(
+                "this board has {MAX_CLIENTS} connections already (the most it serves); try again when one closes"
+            );
+            refuse(stream, peer, why, refusals);
+            return;
+        }
+        if let Device::Closed = self.device {
+            let settings = served.board.serial.line_settings();
+            let path = &served.board.serial.device;
+            match SerialDevice::open(path, &settings) {
+                Ok(uart) => self.device = Device::idle(uart, &self.fanout),
+                Err(e) => {
+                    let why = describe_open_error(path, &e);
+                    self.status.set(Activity::DeviceUnusable {
+                        device: path.display().to_string(),
+                    });
+                    refuse(stream, peer, why, refusals);
+                    return;
+                }
+            }
+        }
+        if let Err(e) = tune_socket(&stream, served.network.keepalive) {
+            limited!(
+                warn,
+                "failed socket options",
+                "could not set TCP options for {peer}: {e}"
+            );
+        }
+        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+        let heard = Heard::new();
+        let (stop, stop_rx) = watch::channel(None);
+        let client = Client {
+            id,
+            peer,
+            kind,
+            tcp: stream,
+            engine: match kind {
+                PortKind::Rfc2217 => Some(Engine::new()),
+                PortKind::EspRaw => None,
+            },
+            view: ClientView::new(served.board.serial.line_settings()),
+            out: Vec::new(),
+            heard: heard.clone(),
+            ignored: 0,
+            accepted: Instant::now(),
+        };
+        let context = BoardContext {
+            serial: served.board.serial.clone(),
+            claim_wait: served.network.claim_wait,
+            control: self.control.clone(),
+            status: self.status.clone(),
+            fanout: self.fanout.clone(),
+            to_board: to_board.clone(),
+        };
+        limited!(
+            info,
+            "clients connect",
+            session = id,
+            peer = %peer,
+            "client {peer} connected to the {kind} port; it watches until it sends something for the device"
+        );
+        let task = self.tasks.spawn(
+            async move {
+                let mut client = client;
+                client.greet();
+                crate::connection::serve(client, context, stop_rx).await;
+                id
+            }
+            .in_current_span(),
+        );
+        self.members.insert(
+            id,
+            Member {
+                peer,
+                heard,
+                stop,
+                task: task.id(),
+            },
+        );
+        self.show();
+    }
+
+    /// Client `id` wants to write.
+    async fn claim(&mut self, id: u64, peer: SocketAddr, answer: oneshot::Sender<ClaimAnswer>) {
+        if !self.members.contains_key(&id) {
+            return;
+        }
+        let writer = self
+            .seat
+            .writer()
+            .and_then(|(w, _)| self.members.get(&w))
+            .map_or(WriterState::default(), |m| WriterState {
+                silent_for: m.heard.silent_for(),
+                leaving: m.heard.leaving(),
+            });
+        let silent = writer.silent_for;
+        match self.seat.claim(id, peer, Instant::now(), writer) {
+            Decision::Grant => self.grant(id, answer).await,
+            Decision::After { from } => {
+                // Its client has closed: end its linger now rather than make the newcomer
+                // wait for it.
+                if let Some(m) = self.members.get(&from) {
+                    m.stop.send_replace(Some(StopRequest::HandOver));
+                }
+                self.takeover = Some((id, answer));
+            }
+            Decision::TakeOver { from } => {
+                let old = self.members.get(&from).map(|m| m.peer);
+                limited!(
+                    info,
+                    "takeovers",
+                    session = id,
+                    "client {peer} takes the board over from {} (silent for {:.0} s)",
+                    old.map_or_else(|| "a client".to_string(), |p| p.to_string()),
+                    silent.as_secs_f64()
+                );
+                if let Some(m) = self.members.get(&from) {
+                    m.stop.send_replace(Some(StopRequest::HandOver));
+                }
+                self.takeover = Some((id, answer));
+            }
+            Decision::Busy(busy) => {
+                let _ = answer.send(ClaimAnswer::Busy(busy));
+            }
+        }
+    }
+
+    /// Gives the device to client `id`, which the seat made the writer.
+    async fn grant(&mut self, id: u64, answer: oneshot::Sender<ClaimAnswer>) {
+        let uart = match self.device.take().await {
+            Ok(uart) => uart,
+            Err(why) => {
+                let _ = answer.send(ClaimAnswer::Unusable(why));
+                self.seat.released(id, Instant::now());
+                return;
+            }
+        };
+        if let Some(m) = self.members.get(&id) {
+            // A stale hand-over request must not stop the new session.
+            m.stop.send_if_modified(|s| {
+                let stale = *s == Some(StopRequest::HandOver);
+                if stale {
+                    *s = None;
+                }
+                stale
+            });
+        }
+        match answer.send(ClaimAnswer::Granted(uart)) {
+            Ok(()) => self.device = Device::Lent,
+            Err(ClaimAnswer::Granted(uart)) => {
+                // The claimant went away meanwhile.
+                self.seat.released(id, Instant::now());
+                self.device = Device::idle(uart, &self.fanout);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Writer `id` stopped writing.
+    async fn returned(&mut self, id: u64, uart: Option<SerialDevice>) {
+        release(&self.control);
+        let next = self.seat.released(id, Instant::now());
+        let Some(uart) = uart else {
+            self.device = Device::Closed;
+            if let Some((_, answer)) = self.takeover.take() {
+                let _ = answer.send(ClaimAnswer::Unusable(
+                    "the serial device failed or disappeared".into(),
+                ));
+            }
+            self.stop_all(StopRequest::DeviceGone);
+            self.show();
+            return;
+        };
+        self.device = Device::idle(uart, &self.fanout);
+        match (next, self.takeover.take()) {
+            (Some(n), Some((claimant, answer))) if n == claimant => self.grant(n, answer).await,
+            (_, taken) => self.takeover = taken,
+        }
+        if self.members.is_empty() {
+            self.device.close().await;
+        }
+        self.show();
+    }
+
+    /// Connection `id` is over.
+    async fn left(&mut self, id: u64) {
+        self.members.remove(&id);
+        self.seat.left(id);
+        if self.takeover.as_ref().is_some_and(|(c, _)| *c == id) {
+            self.takeover = None;
+        }
+        if self.seat.writer().is_some_and(|(w, _)| w == id) {
+            // It ended without handing the device back (its task failed): the device is
+            // lost with it, and so is a takeover waiting for it.
+            let now = Instant::now();
+            if let Some(next) = self.seat.released(id, now) {
+                self.seat.released(next, now);
+            }
+            if let Some((_, answer)) = self.takeover.take() {
+                let _ = answer.send(ClaimAnswer::Unusable(
+                    "the serial device was lost with the previous client; connect again".into(),
+                ));
+            }
+            self.device = Device::Closed;
+            release(&self.control);
+        }
+        if self.members.is_empty() {
+            self.device.close().await;
+        }
+        self.show();
+    }
+
+    /// The member whose task this was (a task that panicked does not say).
+    fn member_of_task(&self, task: tokio::task::Id) -> u64 {
+        self.members
+            .iter()
+            .find(|(_, m)| m.task == task)
+            .map_or(0, |(id, _)| *id)
+    }
+
+    fn device_gone(&mut self, served: &Served) {
+        self.status.set(Activity::DeviceUnusable {
+            device: served.board.serial.device.display().to_string(),
+        });
+        self.stop_all(StopRequest::DeviceGone);
+    }
+
+    fn stop_all(&self, why: StopRequest) {
+        for m in self.members.values() {
+            m.stop.send_replace(Some(why));
+        }
+    }
+
+    /// The board's status when nobody writes (a writer's session sets its own).
+    fn show(&self) {
+        if self.seat.writer().is_some() {
+            return;
+        }
+        match self.members.len() {
+            0 => {
+                if !matches!(self.device, Device::Closed) || self.members.is_empty() {
+                    self.status.set(Activity::Idle);
+                }
+            }
+            watchers => self.status.set(Activity::Watched { watchers }),
+        }
+    }
+}
+
+/// The board's serial device, while anyone is connected.
+enum Device {
+    Closed,
+    /// Nobody writes: the idle reader holds it and feeds the watchers.
+    Idle {
+        stop: Option<oneshot::Sender<()>>,
+        task: JoinHandle<io::Result<SerialDevice>>,
+    },
+    /// A writer's session has it.
+    Lent,
+}
+
+impl Device {
+    fn idle(uart: SerialDevice, fanout: &Fanout) -> Device {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(idle_read(uart, fanout.clone(), stopped).in_current_span());
+        Device::Idle {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The device for a writer.
+    async fn take(&mut self) -> Result<SerialDevice, String> {
+        match std::mem::replace(self, Device::Closed) {
+            Device::Idle { stop, task } => {
+                if let Some(stop) = stop {
+                    let _ = stop.send(());
+                }
+                match task.await {
+                    Ok(Ok(uart)) => Ok(uart),
+                    Ok(Err(e)) => Err(format!("the serial device failed: {e}")),
+                    Err(e) => Err(format!("the serial device's reader failed: {e}")),
+                }
+            }
+            Device::Closed => Err("the serial device is not open (it failed)".into()),
+            Device::Lent => {
+                *self = Device::Lent;
+                Err("the serial device is in use".into())
+            }
+        }
+    }
+
+    /// Completes when the idle reader stops on its own: the device failed.
+    async fn failed(&mut self) -> io::Error {
+        let Device::Idle { task, .. } = self else {
+            return std::future::pending().await;
+        };
+        match task.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => io::Error::other("the reader stopped"),
+            Err(e) => io::Error::other(e.to_string()),
+        }
+    }
+
+    /// Closes the device if it is not lent.
+    async fn close(&mut self) {
+        if let Device::Idle { .. } = self {
+            let _ = self.take().await;
+        }
+        if !matches!(self, Device::Lent) {
+            *self = Device::Closed;
+        }
+    }
+}
+
+/// Reads the device while nobody writes, for the watchers; hands it back when told.
+async fn idle_read(
+    mut uart: SerialDevice,
+    fanout: Fanout,
+    mut stop: oneshot::Receiver<()>,
+) -> io::Result<SerialDevice> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => return Ok(uart),
+            read = uart.read(&mut buf) => match read {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file")),
+                Ok(n) => fanout.publish(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            },
         }
     }
 }
@@ -227,6 +571,14 @@ struct Served {
 }
 
 impl Served {
+    /// How claims on this board are decided.
+    fn policy(&self) -> SeatPolicy {
+        SeatPolicy {
+            takeover_idle: self.network.takeover_idle,
+            replace_active: self.network.second_client == SecondClient::Replace,
+        }
+    }
+
     fn of(name: &str, config: &Config) -> Served {
         let board = config.board(name).cloned().unwrap_or_else(|| BoardConfig {
             name: name.to_string(),
@@ -259,66 +611,10 @@ impl Served {
     }
 }
 
-/// A newcomer while a client is served, after its grace: refused, or (with
-/// `second_client = "replace"`) the current client is stopped and the newcomer returned to
-/// be served.
-async fn decide(
-    config: &Served,
-    newcomer: Accepted,
-    active: &mut Option<Active>,
-    control: &SharedControl,
-    refusals: &Arc<Semaphore>,
-) -> Option<Accepted> {
-    let Some(current) = active.as_ref() else {
-        return Some(newcomer);
-    };
-    match config.network.second_client {
-        SecondClient::Refuse => {
-            let (stream, peer, _) = newcomer;
-            // Bounded: past that many refusals under way, a newcomer is closed without the
-            // explanation (a flood, not a person).
-            let busy = current.peer;
-            match Arc::clone(refusals).try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(
-                        async move {
-                            refuse(stream, peer, busy).await;
-                            drop(permit);
-                        }
-                        .in_current_span(),
-                    );
-                }
-                Err(_) => refuse_silently(peer, busy),
-            }
-            None
-        }
-        SecondClient::Replace => {
-            limited!(
-                info,
-                "takeovers",
-                session = current.id,
-                "client {} replaces client {}",
-                newcomer.1,
-                current.peer
-            );
-            end_session(active, control, StopRequest::Replaced).await;
-            Some(newcomer)
-        }
-    }
-}
-
 fn lock(control: &SharedControl) -> std::sync::MutexGuard<'_, Box<dyn crate::control::Control>> {
     control
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Ends the active session, if there is one: asks it to stop for `why` (bounded), then
-/// releases the control lines, whatever state the client left them in.
-async fn end_session(active: &mut Option<Active>, control: &SharedControl, why: StopRequest) {
-    let Some(a) = active.take() else { return };
-    stop_session(a, why).await;
-    release(control);
 }
 
 fn release(control: &SharedControl) {
@@ -332,38 +628,6 @@ fn listening(listeners: &[Listener]) -> Vec<String> {
         .iter()
         .filter_map(|(l, kind)| l.local_addr().ok().map(|a| format!("{a} ({kind})")))
         .collect()
-}
-
-/// What the active session did.
-enum Watched {
-    /// It half-closed or began finishing.
-    PhaseChanged,
-    /// Its task has ended.
-    Finished,
-}
-
-/// Completes when the active session changes phase or ends; never without one.
-async fn watch_session(active: &mut Option<Active>) -> Watched {
-    let Some(a) = active else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        // Once the session is gone its phase cannot change: only its end is left to see.
-        Ok(()) = a.phase.changed() => Watched::PhaseChanged,
-        _ = &mut a.task => Watched::Finished,
-    }
-}
-
-async fn stop_session(active: Active, why: StopRequest) {
-    let _ = active.stop.send(Some(why));
-    let mut task = active.task;
-    if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
-        tracing::warn!(
-            session = active.id,
-            "session did not stop in time; abandoning it"
-        );
-        task.abort();
-    }
 }
 
 type Accepted = (TcpStream, SocketAddr, PortKind);
@@ -403,163 +667,27 @@ fn tune_socket(stream: &TcpStream, keepalive: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, busy_with: SocketAddr) {
-    limited!(
-        warn,
-        "refused connections",
-        "refused client {peer}: the port is busy with client {busy_with} (set [network] second_client = \"replace\" to let new clients take over)"
-    );
-    let text = format!(
-        "esp-bridge: this serial port is in use by another client ({busy_with}); try again when it disconnects.\r\n"
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(text.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-fn refuse_silently(peer: SocketAddr, busy_with: SocketAddr) {
-    limited!(
-        warn,
-        "refused connections",
-        "refused client {peer} without a word: the port is busy with client {busy_with} and {MAX_REFUSALS} refusals are under way"
-    );
-}
-
-fn start_session(
-    config: Served,
-    accepted: Accepted,
-    control: SharedControl,
-    status: StatusHandle,
-) -> Active {
-    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let peer = accepted.1;
-    let (stop, stop_rx) = watch::channel(None);
-    let (phase_tx, phase) = watch::channel(Phase::Serving);
-    let task = tokio::spawn(
+/// Tells a newcomer why it is not served (bounded), and says it in the log. Past
+/// [`MAX_REFUSALS`] refusals under way, a newcomer is closed without the explanation (a flood,
+/// not a person).
+fn refuse(stream: TcpStream, peer: SocketAddr, why: String, refusals: &Arc<Semaphore>) {
+    limited!(warn, "clients not served", peer = %peer, "client {peer} not served: {why}");
+    let Ok(permit) = Arc::clone(refusals).try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(
         async move {
-            run_session(id, config, accepted, control, stop_rx, phase_tx, &status).await;
-            status.set(Activity::Idle);
+            let mut stream = stream;
+            let text = format!("esp-bridge: {why}\r\n");
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(text.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            drop(permit);
         }
         .in_current_span(),
     );
-    Active {
-        id,
-        peer,
-        stop,
-        phase,
-        task,
-    }
-}
-
-async fn run_session(
-    id: u64,
-    config: Served,
-    (mut stream, peer, kind): Accepted,
-    control: SharedControl,
-    stop: watch::Receiver<Option<StopRequest>>,
-    phase: watch::Sender<Phase>,
-    status: &StatusHandle,
-) {
-    if let Err(e) = tune_socket(&stream, config.network.keepalive) {
-        limited!(
-            warn,
-            "failed socket options",
-            session = id,
-            "could not set TCP options for {peer}: {e}"
-        );
-    }
-    let settings = config.board.serial.line_settings();
-    let device = &config.board.serial.device;
-    let uart = match SerialDevice::open(device, &settings) {
-        Ok(u) => u,
-        Err(e) => {
-            let why = describe_open_error(device, &e);
-            limited!(
-                error,
-                "clients not served",
-                session = id,
-                peer = %peer,
-                "client {peer} not served: {why}"
-            );
-            status.set(Activity::DeviceUnusable {
-                device: device.display().to_string(),
-            });
-            let text = format!("esp-bridge: {why}\r\n");
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(text.as_bytes()))
-                .await;
-            return;
-        }
-    };
-    limited!(
-        info,
-        "session starts",
-        session = id,
-        peer = %peer,
-        baud = settings.baud,
-        "client {peer} connected to the {kind} port; serving {}", device.display()
-    );
-    status.set(Activity::Serving {
-        peer,
-        port: match kind {
-            PortKind::Rfc2217 => "RFC 2217",
-            PortKind::EspRaw => "ESP raw",
-        },
-        baud: settings.baud,
-    });
-    let info = SessionInfo {
-        id,
-        peer,
-        device: device.display().to_string(),
-    };
-    let port = ComPort::new(
-        uart,
-        settings,
-        control,
-        id,
-        format!("esp-bridge {}", env!("CARGO_PKG_VERSION")),
-        status.clone(),
-    );
-    let framing = match kind {
-        PortKind::Rfc2217 => Framing::rfc2217(),
-        PortKind::EspRaw => Framing::esp_raw(
-            settings.baud,
-            config.board.serial.flash_baud.rate(),
-            port.can_reset(),
-        ),
-    };
-    let report = Session::new(info, stream, port, framing, phase)
-        .run(stop)
-        .await;
-    log_report(id, peer, &report);
-}
-
-fn log_report(id: u64, peer: SocketAddr, r: &Report) {
-    let secs = r.duration.as_secs_f64();
-    let summary = format!(
-        "session with {peer} ended ({}) after {secs:.1} s: {} bytes to the device, {} bytes to the client, last baud {}",
-        r.reason, r.to_device, r.to_client, r.final_baud
-    );
-    let mut ignored = if r.ignored_input > 0 {
-        format!("; {} malformed requests ignored", r.ignored_input)
-    } else {
-        String::new()
-    };
-    if r.discarded > 0 {
-        ignored.push_str(&format!(
-            "; output to the device discarded {} time(s): flow control held it",
-            r.discarded
-        ));
-    }
-    match r.reason {
-        crate::session::EndReason::DeviceGone(_) | crate::session::EndReason::ClientError(_) => {
-            limited!(warn, "session ends", session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
-        }
-        _ => {
-            limited!(info, "session ends", session = id, peer = %peer, bytes_to_device = r.to_device, bytes_to_client = r.to_client, duration_s = secs, "{summary}{ignored}")
-        }
-    }
 }
 
 #[cfg(test)]

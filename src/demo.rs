@@ -8,10 +8,10 @@
 //! backend sees one. Everything above that seam (the reset engine, the line translation) is
 //! the production code.
 
-use crate::bridge::PortKind;
 use crate::config::{Config, ControlBackend, ControlMode, Overrides};
 use crate::control::{LineDriver, ModemLines, ModemPort, Straps};
 use crate::error::{Error, Result};
+use crate::protocol::PortKind;
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -51,6 +51,14 @@ pub struct DemoArgs {
     /// garbled (for tests of the flash-rate fallback)
     #[arg(long, value_name = "BAUD", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     sim_max_baud: Option<u32>,
+    /// A writer silent this long may be replaced by a client that wants to write (see
+    /// [network] takeover_idle_secs)
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    takeover_idle_secs: Option<u64>,
+    /// How long a client that wants to write waits for the writer (see [network]
+    /// claim_wait_secs)
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=600))]
+    claim_wait_secs: Option<u64>,
 }
 
 /// The most virtual boards the demo serves (each is a thread and a pseudo-terminal).
@@ -190,6 +198,12 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
         _ => (std::net::IpAddr::from(DEMO_HOST), DEMO_PORT),
     };
     let mut config = Config::default();
+    if let Some(secs) = args.takeover_idle_secs {
+        config.network.takeover_idle = Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.claim_wait_secs {
+        config.network.claim_wait = Duration::from_secs(secs);
+    }
     let template = config.boards.remove(0);
     let mut sims = Vec::new();
     let mut drivers = Vec::new();

@@ -5,10 +5,11 @@
 //! `cli` only parses the command line and calls [`run`]; the demo calls [`serve_with`] with a
 //! virtual chip's lines in place of the configured ones.
 
-use crate::bridge::{Bridge, Listener, PortKind};
+use crate::bridge::{Bridge, Listener};
 use crate::config::Config;
 use crate::control::Control;
 use crate::error::{Error, Result};
+use crate::protocol::PortKind;
 use crate::supervisor::{Reload, Signals, Supervisor};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -14,7 +14,9 @@ use tokio::sync::watch;
 pub enum Activity {
     /// Waiting for a client.
     Idle,
-    /// A client is served, on the port of this kind ("RFC 2217", "ESP raw").
+    /// Clients watch the board's output; nobody writes.
+    Watched { watchers: usize },
+    /// A client writes, on the port of this kind ("RFC 2217", "ESP raw").
     Serving {
         peer: SocketAddr,
         port: &'static str,
@@ -100,6 +102,9 @@ impl BoardStatus {
                 "idle: waiting for a client on {}",
                 self.listening.join(", ")
             ),
+            Activity::Watched { watchers } => {
+                format!("watched by {watchers} client(s); nobody writes")
+            }
             Activity::Serving { peer, baud, .. } => {
                 format!("serving {peer} at {baud} baud")
             }

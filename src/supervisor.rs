@@ -209,7 +209,7 @@ impl Supervisor {
                     // Idle from the last change on which no board is serving a client.
                     let serving = boards
                         .iter()
-                        .any(|b| matches!(b.activity, Activity::Serving { .. }));
+                        .any(|b| matches!(b.activity, Activity::Serving { .. } | Activity::Watched { .. }));
                     idle_since = (!serving).then(Instant::now);
                     crate::systemd::status(&crate::status::summary(&boards));
                 }

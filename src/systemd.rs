@@ -5,7 +5,7 @@
 //! its own addresses, without NOTIFY_SOCKET notifications are no-ops, and without the journal
 //! logs go to stderr.
 
-use crate::bridge::PortKind;
+use crate::protocol::PortKind;
 use sd_notify::NotifyState;
 use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;

@@ -9,8 +9,8 @@
 //! pulls the generated units in (they are `PartOf=` it and in its `.wants`), so
 //! `systemctl enable --now esp-bridge.socket` still starts everything.
 
-use crate::bridge::PortKind;
 use crate::config::Config;
+use crate::protocol::PortKind;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -333,23 +333,27 @@ async fn purge_rx_drops_device_data_the_client_has_not_received() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_second_client_is_refused_with_the_reason() {
-    let service = Service::start(|_| {}).await;
+async fn a_second_client_watches_and_is_told_who_writes_when_it_wants_to() {
+    let service = Service::start(|c| c.network.claim_wait = Duration::from_secs(1)).await;
     let mut first = connect(service.addr).await;
     first.write_all(b"x").await.unwrap();
     assert_eq!(service.device.read(1, Duration::from_secs(5)).await, b"x");
-    let mut second = TcpStream::connect(service.addr).await.unwrap();
-    let text = read_until(
-        &mut second,
-        b"in use by another client",
-        Duration::from_secs(5),
-    )
-    .await;
+    let mut second = connect(service.addr).await;
+    // It watches: the device's output reaches both.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    service.device.write(b"both");
+    read_until(&mut first, b"both", Duration::from_secs(5)).await;
+    read_until(&mut second, b"both", Duration::from_secs(5)).await;
+    // It wants to write: after claim_wait it is told who does, and closed.
+    second.write_all(b"z").await.unwrap();
+    let text = read_until(&mut second, b"being written by", Duration::from_secs(5)).await;
+    let more = read_until_quiet(&mut second, Duration::from_secs(2)).await;
+    let said = [text, more].concat();
     assert!(contains(
-        &text,
+        &said,
         first.local_addr().unwrap().to_string().as_bytes()
     ));
-    // The first client keeps the board.
+    // The first client keeps the board; the second one's byte never reached the device.
     first.write_all(b"y").await.unwrap();
     assert_eq!(service.device.read(1, Duration::from_secs(5)).await, b"y");
     drop(first);
@@ -357,25 +361,28 @@ async fn a_second_client_is_refused_with_the_reason() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_second_client_replaces_the_first_when_configured() {
+async fn a_second_client_takes_over_when_configured_after_the_first_ones_first_seconds() {
     let service = Service::start(|c| c.network.second_client = SecondClient::Replace).await;
     let mut first = connect(service.addr).await;
     first.write_all(b"1").await.unwrap();
     assert_eq!(service.device.read(1, Duration::from_secs(5)).await, b"1");
     let mut second = connect(service.addr).await;
+    // A new writer keeps the board for its first 5 seconds.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    second.write_all(b"2").await.unwrap();
+    assert_eq!(service.device.read(1, Duration::from_secs(5)).await, b"2");
     read_until(
         &mut first,
-        b"another client took over",
+        b"another client writes to this board now",
         Duration::from_secs(5),
     )
     .await;
-    second.write_all(b"2").await.unwrap();
-    assert_eq!(service.device.read(1, Duration::from_secs(5)).await, b"2");
     drop(second);
+    drop(first);
     let control = service.shut_down().await;
     assert!(
         control.calls().iter().filter(|c| *c == "release").count() >= 2,
-        "the lines are released after each session: {:?}",
+        "the lines are released after each writer: {:?}",
         control.calls()
     );
 }
@@ -384,6 +391,9 @@ async fn a_second_client_replaces_the_first_when_configured() {
 async fn dtr_and_rts_reach_the_control_lines_in_order_and_are_released_at_the_end() {
     let service = Service::start(|_| {}).await;
     let mut client = connect(service.addr).await;
+    // DTR and RTS on, as a terminal opens: the client only watches, its view changes and
+    // nothing reaches the lines. DTR off then (RTS without DTR: EN low, a reset) claims the
+    // board: the lines take its view, then the reset.
     let mut request = com_port(5, &[8]); // DTR on
     request.extend(com_port(5, &[11])); // RTS on
     request.extend(com_port(5, &[9])); // DTR off
@@ -402,12 +412,7 @@ async fn dtr_and_rts_reach_the_control_lines_in_order_and_are_released_at_the_en
     }
     assert_eq!(
         service.control.calls(),
-        [
-            "dtr=true rts=false",
-            "dtr=true rts=true",
-            "dtr=false rts=true",
-            "release"
-        ]
+        ["dtr=true rts=true", "dtr=false rts=true", "release"]
     );
     service.shut_down().await;
 }

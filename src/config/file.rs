@@ -82,6 +82,12 @@ pub struct NetworkConfig {
     /// Addresses bound for the ESP-aware raw port (`esptool --port socket://`), likewise.
     pub raw_listen: Vec<SocketAddr>,
     pub second_client: SecondClient,
+    /// A writer whose client has sent nothing for this long may be replaced by a client that
+    /// wants to write.
+    pub takeover_idle_secs: TakeoverIdleSecs,
+    /// How long a client that wants to write waits for the writer to finish before it is told
+    /// who writes and closed.
+    pub claim_wait_secs: ClaimWaitSecs,
     /// Seconds of silence before TCP keepalive probes start; a dead peer is dropped after
     /// about this plus 3 probes at a third of it.
     pub keepalive_secs: KeepaliveSecs,
@@ -96,6 +102,8 @@ impl Default for NetworkConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
             raw_listen: vec![SocketAddr::from(([0, 0, 0, 0], 2218))],
             second_client: SecondClient::Refuse,
+            takeover_idle_secs: TakeoverIdleSecs(30),
+            claim_wait_secs: ClaimWaitSecs(10),
             keepalive_secs: KeepaliveSecs(10),
             idle_exit_secs: IdleExitSecs(0),
         }
@@ -107,6 +115,8 @@ impl NetworkConfig {
     pub fn shared(&self) -> Network {
         Network {
             second_client: self.second_client,
+            takeover_idle: Duration::from_secs(self.takeover_idle_secs.0),
+            claim_wait: Duration::from_secs(self.claim_wait_secs.0),
             keepalive: Duration::from_secs(self.keepalive_secs.0),
             idle_exit: (self.idle_exit_secs.0 > 0)
                 .then(|| Duration::from_secs(self.idle_exit_secs.0)),
@@ -399,6 +409,8 @@ impl Config {
             listen,
             raw_listen,
             second_client: net.second_client,
+            takeover_idle_secs: TakeoverIdleSecs(net.takeover_idle.as_secs()),
+            claim_wait_secs: ClaimWaitSecs(net.claim_wait.as_secs()),
             keepalive_secs: KeepaliveSecs(net.keepalive.as_secs()),
             idle_exit_secs: IdleExitSecs(net.idle_exit.map_or(0, |d| d.as_secs())),
         };

@@ -195,6 +195,10 @@ fn file_kind(t: &std::fs::FileType) -> &'static str {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Network {
     pub second_client: SecondClient,
+    /// A writer silent this long may be replaced by a client that wants to write.
+    pub takeover_idle: Duration,
+    /// How long a client that wants to write waits before it is told who writes.
+    pub claim_wait: Duration,
     /// Silence before TCP keepalive probes start; a dead peer is dropped after about this
     /// plus 3 probes at a third of it.
     pub keepalive: Duration,
@@ -584,6 +588,16 @@ mod tests {
                 "604800",
             ),
             ("[network]\nidle_exit_secs = -1\n", "604800"),
+            ("[network]\ntakeover_idle_secs = 0\n", "1 to 86400"),
+            ("[network]\ntakeover_idle_secs = 86401\n", "1 to 86400"),
+            (
+                "[network]\nclaim_wait_secs = 601\n",
+                "0 (refuse at once) to 600",
+            ),
+            (
+                "[network]\nclaim_wait_secs = -1\n",
+                "0 (refuse at once) to 600",
+            ),
         ];
         for (text, range) in cases {
             let e = err(text);

@@ -5,14 +5,16 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
 
-/// What to do when a client connects while another is being served.
+/// What a client that wants to write gets while another client writes and is not silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SecondClient {
-    /// Tell the newcomer the port is busy and close its connection.
+    /// It waits (`claim_wait_secs`), then is told who writes and is closed; it takes over
+    /// only from a writer silent for `takeover_idle_secs`.
     Refuse,
-    /// Disconnect the current client and serve the newcomer (for a client that crashed and
-    /// reconnects before keepalive noticed).
+    /// It takes over at once, even from an active writer (after that writer's first seconds,
+    /// and at most one takeover a second): for a client that crashed and reconnects before
+    /// keepalive noticed.
     Replace,
 }
 
@@ -211,6 +213,26 @@ checked_value!(IdleExitSecs, u64, |v| {
     } else {
         Err(format!(
             "idle_exit_secs {v} is out of range: use 0 (never exit) to {IDLE_EXIT_MAX} seconds (a week)"
+        ))
+    }
+});
+
+checked_value!(TakeoverIdleSecs, u64, |v| {
+    if (1..=86_400).contains(&v) {
+        Ok(v as u64)
+    } else {
+        Err(format!(
+            "takeover_idle_secs {v} is out of range: use 1 to 86400 seconds (a day)"
+        ))
+    }
+});
+
+checked_value!(ClaimWaitSecs, u64, |v| {
+    if (0..=600).contains(&v) {
+        Ok(v as u64)
+    } else {
+        Err(format!(
+            "claim_wait_secs {v} is out of range: use 0 (refuse at once) to 600 seconds"
         ))
     }
 });

@@ -14,6 +14,24 @@ pub use rfc2217::{ControlRequest, PortCommand, Purge, Reply, Request};
 
 use telnet::{Options, TelnetEvent, TelnetParser};
 
+/// Which protocol a listening port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// Telnet + RFC 2217 (`rfc2217://`).
+    Rfc2217,
+    /// The ESP-aware raw port (`socket://`).
+    EspRaw,
+}
+
+impl std::fmt::Display for PortKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortKind::Rfc2217 => "RFC 2217",
+            PortKind::EspRaw => "ESP raw",
+        })
+    }
+}
+
 /// Something in the client's stream the session must act on, in the order received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -60,6 +78,8 @@ pub struct Engine {
     options: Options,
     scratch: Vec<TelnetEvent>,
     com_port_announced: bool,
+    /// The client has answered the server's offers (or sent telnet commands of its own).
+    answered: bool,
 }
 
 impl Engine {
@@ -80,6 +100,7 @@ impl Engine {
             match event {
                 TelnetEvent::Data(data) => events.push(Event::Data(data)),
                 TelnetEvent::Negotiate { verb, option } => {
+                    self.answered = true;
                     if let Some(answer) = self.options.negotiate(verb, option) {
                         to_client.extend_from_slice(&answer);
                     }
@@ -95,6 +116,7 @@ impl Engine {
                     }
                 }
                 TelnetEvent::Subnegotiation { option, value } => {
+                    self.answered = true;
                     if option != telnet::OPT_COM_PORT {
                         events.push(Event::Ignored(format!(
                             "subnegotiation for telnet option {option}, which was not agreed"
@@ -142,6 +164,12 @@ impl Engine {
     /// Whether a subnegotiation is open (a client stuck in one is logged on disconnect).
     pub fn in_subnegotiation(&self) -> bool {
         self.parser.in_subnegotiation()
+    }
+
+    /// Whether the client speaks telnet: it has answered the server's offers (or sent
+    /// negotiation of its own).
+    pub fn negotiated(&self) -> bool {
+        self.answered
     }
 }
 

@@ -6,6 +6,11 @@
 //! back, if any.
 
 /// Interpret As Command: starts every telnet command; doubled it stands for a data byte 0xFF.
+/// How long a client may take to answer the server's option offers, and how long it may stay
+/// inside one subnegotiation, before it is taken for something that does not speak telnet (or
+/// a slowloris) and closed.
+pub const NEGOTIATION_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub const IAC: u8 = 255;
 pub const DONT: u8 = 254;
 pub const DO: u8 = 253;

@@ -13,8 +13,10 @@
 //! takes over); a client that reads loses nothing.
 
 mod port;
+mod view;
 
 pub use port::ComPort;
+pub use view::ClientView;
 
 use crate::control::Control;
 use crate::log_limit::limited;
@@ -33,6 +35,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::fanout::Fanout;
+use crate::seat::Heard;
+
 /// Most escaped device data held for a slow client before the UART is no longer read.
 pub const HIGH_WATER: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
@@ -49,26 +54,15 @@ pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// checked for having gone: a reset, a keepalive timeout or a close is seen within this.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
-/// Where a session is, for the bridge deciding about a newcomer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// The client is connected both ways.
-    Serving,
-    /// The client closed its sending side; it gets the device's output for a little while.
-    HalfClosed,
-    /// The session is ending: its last bytes are handed over.
-    Finishing,
-}
-
 /// Why a session was asked to stop from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopRequest {
     /// The service is shutting down.
     Shutdown,
-    /// A new client replaced this one (second_client = "replace").
-    Replaced,
-    /// A new client arrived after this one closed (or half-closed) its connection.
-    Yielded,
+    /// Another client writes from now on; this one goes back to watching.
+    HandOver,
+    /// The board's serial device failed under another client.
+    DeviceGone,
 }
 
 /// Why a session ended.
@@ -83,6 +77,8 @@ pub enum EndReason {
     Stopped(StopRequest),
     /// The raw port's exchange with the chip failed; the text says why and the fix.
     Aborted(String),
+    /// The client opened a telnet subnegotiation and did not finish it in time.
+    TelnetStalled,
 }
 
 impl std::fmt::Display for EndReason {
@@ -103,10 +99,16 @@ impl std::fmt::Display for EndReason {
             EndReason::ClientError(e) => write!(f, "client connection failed: {e}"),
             EndReason::DeviceGone(e) => write!(f, "serial device failed or vanished: {e}"),
             EndReason::Stopped(StopRequest::Shutdown) => write!(f, "service shutting down"),
-            EndReason::Stopped(StopRequest::Replaced) => write!(f, "replaced by a new client"),
-            EndReason::Stopped(StopRequest::Yielded) => write!(
+            EndReason::Stopped(StopRequest::HandOver) => {
+                write!(f, "another client writes now; this one watches")
+            }
+            EndReason::Stopped(StopRequest::DeviceGone) => {
+                write!(f, "serial device failed or vanished")
+            }
+            EndReason::TelnetStalled => write!(
                 f,
-                "client had closed its sending side; a new client arrived"
+                "client stalled in a telnet subnegotiation for {} s (IAC SB without IAC SE): a broken or hostile client",
+                crate::protocol::telnet::NEGOTIATION_TIME.as_secs()
             ),
             EndReason::Aborted(why) => write!(f, "{why}"),
         }
@@ -141,9 +143,6 @@ pub enum Framing {
 }
 
 impl Framing {
-    pub fn rfc2217() -> Self {
-        Framing::Rfc2217(Engine::new())
-    }
     /// The raw port, starting at `line` baud; `flash_baud` as configured for the board;
     /// `can_reset`: the chip can be put into its bootloader from here.
     pub fn esp_raw(line: u32, flash_baud: Option<u32>, can_reset: bool) -> Self {
@@ -186,7 +185,12 @@ pub struct Session<U: Uart> {
     settle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The raw port's next deadline ([`EspRaw::deadline`]) and its timer.
     raw_timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
-    phase: watch::Sender<Phase>,
+    /// The watchers of this board get every byte the device sends.
+    fanout: Fanout,
+    /// When the client last sent anything (a writer silent long enough may be replaced).
+    heard: Heard,
+    /// Since when the client has been inside a telnet subnegotiation.
+    subnegotiation_since: Option<Instant>,
     /// Times a drain discarded output because flow control held it.
     discarded: u64,
     to_device: u64,
@@ -197,13 +201,38 @@ pub struct Session<U: Uart> {
     dev_buf: Vec<u8>,
 }
 
+/// Where a session takes over from the connection's watching: what was not yet sent to the
+/// client, and the client's input from its claim on.
+pub struct Start {
+    pub out: Vec<u8>,
+    pub input: Claim,
+}
+
+/// The client input that claimed the board.
+pub enum Claim {
+    /// RFC 2217: parsed already (the engine is the watcher's).
+    Events(Vec<Event>),
+    /// The raw port: bytes, framed by the session.
+    Bytes(Vec<u8>),
+}
+
+/// What a session leaves when it ends: the connection (for watching again, after a hand-over)
+/// and the device, unless it failed.
+pub struct Parts<U> {
+    pub tcp: TcpStream,
+    pub framing: Framing,
+    pub out: Vec<u8>,
+    pub uart: Option<U>,
+}
+
 impl<U: Uart> Session<U> {
     pub fn new(
         info: SessionInfo,
         tcp: TcpStream,
         port: ComPort<U>,
         framing: Framing,
-        phase: watch::Sender<Phase>,
+        fanout: Fanout,
+        heard: Heard,
     ) -> Self {
         let mut modem_timer = tokio::time::interval(MODEM_POLL);
         modem_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,7 +257,9 @@ impl<U: Uart> Session<U> {
             linger: None,
             settle: None,
             raw_timer: None,
-            phase,
+            fanout,
+            heard,
+            subnegotiation_since: None,
             discarded: 0,
             to_device: 0,
             to_client: 0,
@@ -239,12 +270,18 @@ impl<U: Uart> Session<U> {
         }
     }
 
-    /// Serves the client until it leaves, the device fails, or `stop` says so.
-    pub async fn run(mut self, mut stop: watch::Receiver<Option<StopRequest>>) -> Report {
+    /// Serves the client until it leaves, the device fails, or `stop` says so; starts from
+    /// where the connection's watching left off.
+    pub async fn run(
+        mut self,
+        start: Start,
+        mut stop: watch::Receiver<Option<StopRequest>>,
+    ) -> (Report, Parts<U>) {
         let started = Instant::now();
-        if let Framing::Rfc2217(engine) = &mut self.framing {
-            let greeting = engine.greeting();
-            self.out.extend_from_slice(&greeting);
+        self.out = start.out;
+        match start.input {
+            Claim::Events(events) => self.inbound.extend(events),
+            Claim::Bytes(bytes) => self.take_client_input(&bytes),
         }
         let reason = loop {
             if let Some(request) = *stop.borrow_and_update() {
@@ -259,18 +296,31 @@ impl<U: Uart> Session<U> {
                 }
             }
         };
-        self.phase.send_replace(Phase::Finishing);
+        self.heard.set_leaving(true);
         let final_baud = self.port.baud();
         self.finish(&reason).await;
-        Report {
-            reason,
+        let report = Report {
             to_device: self.to_device,
             to_client: self.to_client,
             duration: started.elapsed(),
             final_baud,
             ignored_input: self.ignored,
             discarded: self.discarded,
-        }
+            reason,
+        };
+        let device_ok = !matches!(
+            report.reason,
+            EndReason::DeviceGone(_) | EndReason::Stopped(StopRequest::DeviceGone)
+        );
+        let mut out = self.out;
+        out.drain(..self.out_pos.min(out.len()));
+        let parts = Parts {
+            tcp: self.tcp,
+            framing: self.framing,
+            out,
+            uart: device_ok.then(|| self.port.into_uart()),
+        };
+        (report, parts)
     }
 
     /// Hands over what can still be handed over and tells the client why it ends. (The bridge
@@ -289,7 +339,10 @@ impl<U: Uart> Session<U> {
                 "client left in the middle of a subnegotiation (IAC SB without IAC SE): a broken or hostile client"
             );
         }
-        let device_ok = !matches!(reason, EndReason::DeviceGone(_));
+        let device_ok = !matches!(
+            reason,
+            EndReason::DeviceGone(_) | EndReason::Stopped(StopRequest::DeviceGone)
+        );
         if device_ok {
             // Input the client sent before it left (or before the stop) still goes out.
             self.client_eof = true;
@@ -303,9 +356,14 @@ impl<U: Uart> Session<U> {
             EndReason::Stopped(StopRequest::Shutdown) => {
                 Some("\r\n[esp-bridge] service is shutting down; closing.\r\n".to_string())
             }
-            EndReason::Stopped(StopRequest::Replaced | StopRequest::Yielded) => Some(
-                "\r\n[esp-bridge] another client took over this port; closing.\r\n".to_string(),
+            EndReason::Stopped(StopRequest::HandOver) => Some(
+                "\r\n[esp-bridge] another client writes to this board now (this one had been silent); this connection goes on watching.\r\n".to_string(),
             ),
+            EndReason::Stopped(StopRequest::DeviceGone) => Some(format!(
+                "\r\n[esp-bridge] serial device {} failed or disappeared; closing. Reconnect when it is back.\r\n",
+                self.info.device
+            )),
+            EndReason::TelnetStalled => Some(format!("\r\n[esp-bridge] {reason}; closing.\r\n")),
             EndReason::Aborted(why) => Some(format!("\r\n[esp-bridge] {why}\r\n")),
             _ => None,
         };
@@ -439,20 +497,31 @@ impl<U: Uart> Session<U> {
                     self.client_closed_sending();
                     return Ok(true);
                 }
-                match &mut self.framing {
-                    Framing::Rfc2217(engine) => {
-                        engine.receive(&self.net_buf[..n], &mut self.events, &mut self.out)
-                    }
-                    Framing::EspRaw(raw) => {
-                        raw.from_client(&self.net_buf[..n], &mut self.pending, &mut self.events)
-                    }
-                }
-                self.inbound.extend(self.events.drain(..));
+                self.heard.now();
+                let input = std::mem::take(&mut self.net_buf);
+                self.take_client_input(&input[..n]);
+                self.net_buf = input;
                 Ok(true)
             }
             Poll::Ready(Err(e)) => Err(client_error(e)),
             Poll::Pending => Ok(false),
         }
+    }
+
+    /// The client's bytes, framed into the queue of things to apply.
+    fn take_client_input(&mut self, input: &[u8]) {
+        match &mut self.framing {
+            Framing::Rfc2217(engine) => {
+                engine.receive(input, &mut self.events, &mut self.out);
+                if !engine.in_subnegotiation() {
+                    self.subnegotiation_since = None;
+                } else if self.subnegotiation_since.is_none() {
+                    self.subnegotiation_since = Some(Instant::now());
+                }
+            }
+            Framing::EspRaw(raw) => raw.from_client(input, &mut self.pending, &mut self.events),
+        }
+        self.inbound.extend(self.events.drain(..));
     }
 
     fn poll_device_read(&mut self, cx: &mut Context<'_>) -> Result<bool, EndReason> {
@@ -469,6 +538,7 @@ impl<U: Uart> Session<U> {
                         "end of file",
                     )));
                 }
+                self.fanout.publish(&self.dev_buf[..n]);
                 match &mut self.framing {
                     Framing::Rfc2217(_) => {
                         Engine::encode_data(&self.dev_buf[..n], &mut self.pending)
@@ -658,9 +728,7 @@ impl<U: Uart> Session<U> {
             return;
         }
         self.client_eof = true;
-        if self.may_half_close() {
-            self.phase.send_replace(Phase::HalfClosed);
-        }
+        self.heard.set_leaving(true);
         if let Framing::Rfc2217(_) = self.framing {
             // A telnet no-op: harmless to a client that only shut down its sending side, and
             // answered with a reset by one that closed altogether, which ends the session at
@@ -679,6 +747,12 @@ impl<U: Uart> Session<U> {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let reading = self.reading_client();
         while self.liveness.poll_tick(cx).is_ready() {
+            if self
+                .subnegotiation_since
+                .is_some_and(|t| t.elapsed() >= crate::protocol::telnet::NEGOTIATION_TIME)
+            {
+                return Err(EndReason::TelnetStalled);
+            }
             if reading {
                 continue;
             }
@@ -741,7 +815,7 @@ impl<U: Uart> Session<U> {
     }
 }
 
-fn client_error(e: io::Error) -> EndReason {
+pub fn client_error(e: io::Error) -> EndReason {
     match e.kind() {
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => EndReason::ClientClosed,
         _ => EndReason::ClientError(e),

@@ -3,6 +3,7 @@
 //! notifications. It applies typed commands and says what to answer; it never touches the
 //! client's connection (the session does).
 
+use super::ClientView;
 use super::SharedControl;
 use crate::control::ModemOutputs;
 use crate::log_limit::limited;
@@ -125,6 +126,29 @@ impl<U: Uart> ComPort<U> {
         self.line_setting(Request::Set(c.parity), Setting::parity());
         self.line_setting(Request::Set(c.stop_bits), Setting::stop_size());
         discarded
+    }
+
+    /// Takes on what the client set while it only watched (its line settings, flow control,
+    /// DTR and RTS), with no replies: it was answered then.
+    pub fn adopt(&mut self, view: &ClientView) {
+        let v = view.settings;
+        self.set_baud(Request::Set(v.baud));
+        self.line_setting(Request::Set(v.data_bits), Setting::data_size());
+        self.line_setting(Request::Set(v.parity), Setting::parity());
+        self.line_setting(Request::Set(v.stop_bits), Setting::stop_size());
+        self.set_flow(v.flow);
+        let outputs = ModemOutputs {
+            dtr: view.dtr,
+            rts: view.rts,
+        };
+        if outputs != self.outputs {
+            self.set_outputs(outputs);
+        }
+    }
+
+    /// The device, when the session is over.
+    pub fn into_uart(self) -> U {
+        self.uart
     }
 
     /// The UART, for the session's reads, writes and drains.

@@ -44,11 +44,22 @@ def test_open_is_immediate_and_without_warnings(bridge_on, caplog):
     bridge.log.wait_for("client disconnected")
 
 
+def claim(ser, device):
+    """Makes the client the board's writer: it sends a byte (which reaches the device)."""
+    ser.write(b"w")
+    assert device.read(1) == b"w"
+
+
 def test_baud_rates_reach_the_device_exactly(bridge_on, device):
     bridge = bridge_on()
-    ser = open_client(bridge, baudrate=115200)
+    ser = open_client(bridge, baudrate=57600)
     try:
+        # Until it sends something for the chip the client only watches: the rate it was
+        # given is acknowledged to it, and the device keeps the board's.
+        assert ser.baudrate == 57600
         assert device_speed(device.master) == 115200
+        claim(ser, device)
+        assert device_speed(device.master) == 57600, "what it set while watching applies"
         for rate in (921600, 9600, 250000, 1234567, 74880, 115200):
             ser.baudrate = rate
             assert device_speed(device.master) == rate, rate
@@ -60,6 +71,7 @@ def test_format_settings_are_acknowledged(bridge_on, device):
     bridge = bridge_on()
     ser = open_client(bridge)
     try:
+        claim(ser, device)
         # A pty forces 8 data bits and no parity, so those are checked by the server's
         # acknowledgement (pyserial raises on a rejected value); CSTOPB survives on a pty.
         for size in (7, 8):

@@ -296,7 +296,11 @@ def test_direct_mode_is_the_literal_seed_mapping(demo):
     bridge = demo("--wiring", "gpio", "--mode", "direct")
     wait_mode(bridge, "app")
     ser = serial.serial_for_url(bridge.url, timeout=0.2)
-    # pyserial asserts DTR and RTS on open: literally, EN and IO0 low: held in reset.
+    # pyserial asserts DTR and RTS on open; while it only watches, that reaches nothing.
+    time.sleep(0.5)
+    assert last_mode(bridge) == "app"
+    # Once it writes, its lines apply as they are, literally: EN and IO0 low, held in reset.
+    ser.write(b"\n")
     wait_mode(bridge, "reset")
     ser.close()
     wait_mode(bridge, "app")

@@ -138,16 +138,35 @@ def test_extreme_baud_rates(bridge_on, device):
     pyserial_roundtrip(bridge, device)
 
 
-def test_second_client_is_refused_with_a_reason(bridge_on, device):
-    bridge = bridge_on()
+def test_a_second_client_watches_and_is_told_who_writes_when_it_wants_to(bridge_on, device, tmp_path):
+    cfg = tmp_path / "wait.toml"
+    cfg.write_text("[network]\nclaim_wait_secs = 2\n")
+    bridge = bridge_on("--config", str(cfg))
     first = serial.serial_for_url(bridge.url, timeout=2)
     try:
-        s = socket.create_connection(("127.0.0.1", bridge.port))
-        data = recv_until(s, lambda d: b"in use" in d and d.endswith(b"\n"))
-        assert b"in use by another client" in data
-        assert recv_until(s, lambda d: False, timeout=2) == b"", "refused connection is closed"
-        s.close()
-        bridge.log.wait_for("refused client")
+        first.write(b"mine")
+        assert device.read(4) == b"mine"
+        # A second client opens normally (pyserial's open is all answered) and sees the
+        # board's output.
+        watcher = serial.serial_for_url(bridge.url, timeout=2)
+        second = raw_client(bridge)
+        recv_until(second, lambda d: d.endswith(bytes([IAC, WILL, 3])))  # the greeting
+        device.write(b"for all")
+        assert first.read(7) == b"for all"
+        assert watcher.read(7) == b"for all"
+        recv_until(second, lambda d: b"for all" in d)
+        # It wants to write while the first one is active: it waits, then is told who
+        # writes, and is closed; its bytes never reach the device.
+        t = time.monotonic()
+        second.sendall(b"theirs")
+        said = recv_until(second, lambda d: b"closing" in d, timeout=10)
+        assert b"being written by 127.0.0.1:%d" % first._socket.getsockname()[1] in said, said
+        assert 1.5 < time.monotonic() - t < 8
+        assert recv_until(second, lambda d: False, timeout=2) == b"", "it is closed"
+        second.close()
+        watcher.close()
+        bridge.log.wait_for("could not write")
+        assert device.read(6, timeout=0.5) == b""
         # The first client is unaffected.
         first.write(b"still here")
         assert device.read(10) == b"still here"
@@ -155,17 +174,23 @@ def test_second_client_is_refused_with_a_reason(bridge_on, device):
         first.close()
 
 
-def test_second_client_replaces_when_configured(bridge_on, device, tmp_path):
+def test_second_client_takes_over_when_configured(bridge_on, device, tmp_path):
     cfg = tmp_path / "replace.toml"
     cfg.write_text('[network]\nsecond_client = "replace"\n')
     bridge = bridge_on("--config", str(cfg))
-    first = socket.create_connection(("127.0.0.1", bridge.port))
-    recv_until(first, lambda d: len(d) > 0)
+    first = raw_client(bridge)
+    first.sendall(b"first")
+    assert device.read(5) == b"first"
+    # After the first writer's protected seconds, a newcomer takes over at once.
+    time.sleep(5.2)
     pyserial_roundtrip(bridge, device)
-    data = recv_until(first, lambda d: b"took over" in d)
-    assert b"another client took over" in data
+    data = recv_until(first, lambda d: b"writes to this board now" in d)
+    assert b"this connection goes on watching" in data
+    bridge.log.wait_for("takes the board over")
+    # The old writer still watches.
+    device.write(b"after")
+    recv_until(first, lambda d: b"after" in d)
     first.close()
-    bridge.log.wait_for("replaced by a new client")
 
 
 def test_missing_device_then_device_appears(bridge_on, tmp_path):

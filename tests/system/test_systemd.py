@@ -101,6 +101,8 @@ def test_notify_ready_status_watchdog_stopping(tmp_path, device):
         # Every 200 ms (half of WATCHDOG_USEC): about 10 in 2 s.
         assert 7 <= len(pings) <= 13, len(pings)
         ser = serial.serial_for_url(f"rfc2217://127.0.0.1:{port}", baudrate=921600, timeout=1)
+        notify.wait_for("STATUS=watched by 1 client(s); nobody writes")
+        ser.write(b"w")  # now it writes
         notify.wait_for(f"STATUS=serving 127.0.0.1:{ser._socket.getsockname()[1]} at 921600 baud")
         ser.close()
         notify.wait_for("STATUS=idle")
@@ -139,13 +141,13 @@ def test_sighup_rereads_the_config_for_the_next_client(tmp_path, device):
         wait_log(log, "connected")
         assert device_speed(device.master) == 115200
         s.close()
-        wait_log(log, "ended")
+        wait_log(log, "stopped watching")
         cfg.write_text(cfg.read_text().replace("115200", "57600"))
         proc.send_signal(signal.SIGHUP)
         wait_log(log, "configuration re-read")
         s = socket.create_connection(("127.0.0.1", port))
         deadline = time.monotonic() + 5
-        while log.text().count("connected;") < 2 and time.monotonic() < deadline:
+        while log.text().count("connected to the") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert device_speed(device.master) == 57600
         s.close()
