@@ -84,7 +84,7 @@ def once(b, reading, stalled, image, timeout=400):
                "-b", "921600", "write-flash", "0x10000", image]
         result = b.timed_write_flash(cmd, timeout)
         if "error" not in result:
-            result["hwm_kib"], _, _ = b.vm_hwm_kib(proc.pid)
+            result["hwm_kib"] = (b.vm_hwm_kib(proc.pid) or {}).get("VmHWM", 0)
             result["watched"] = min(watchers.received, default=None)
         return result
     finally:
