@@ -1,15 +1,20 @@
 //! The local control socket (`/run/esp-bridge/control.sock`, passed in by esp-bridge.socket):
-//! `esp-bridge status` on the Pi asks the running service what each board is doing. One short
-//! request per connection, bounded in size, time and number; only local users with access to
-//! the socket (root and group dialout, by the unit's `SocketMode=`) reach it.
+//! `esp-bridge status` on the Pi asks the running service what each board is doing, and
+//! `esp-bridge log [BOARD] [-f]` reads a board's kept output, then follows it. One short
+//! request per connection, bounded in size, time and number (a follower in number, and in how
+//! long one write to it may take); only local users with access to the socket (root and group
+//! dialout, by the unit's `SocketMode=`) reach it.
 
 use crate::error::{Error, Result};
+use crate::fanout::Fanout;
+use crate::history::Lines;
 use crate::log_limit::limited;
 use crate::shutdown::stopping;
 use crate::status::StatusBook;
+use std::future::poll_fn;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
@@ -22,6 +27,10 @@ const MAX_REQUESTS: usize = 4;
 const MAX_REQUEST: u64 = 256;
 /// How long a connection may take to send its request and take the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// `esp-bridge log -f` readers at once.
+const MAX_FOLLOWERS: usize = 4;
+/// How long one write to a follower may take before it is dropped (a reader that stopped).
+const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the control socket at `path` (without systemd): a stale socket file is replaced,
 /// anything else at that path is refused.
@@ -47,6 +56,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// Answers requests until the supervisor stops.
 pub async fn serve(listener: UnixListener, book: StatusBook, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_REQUESTS));
+    let followers = Arc::new(Semaphore::new(MAX_FOLLOWERS));
     loop {
         let permit = tokio::select! {
             () = stopping(&mut stop) => return,
@@ -67,40 +77,136 @@ pub async fn serve(listener: UnixListener, book: StatusBook, mut stop: watch::Re
             },
         };
         let book = book.clone();
+        let followers = Arc::clone(&followers);
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &book)).await;
+            let answered = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &book)).await;
             drop(permit);
+            // A follower goes on after its request's time, with a permit of its own.
+            if let Ok(Ok(Some((output, write)))) = answered {
+                match Arc::clone(&followers).try_acquire_owned() {
+                    Ok(permit) => {
+                        follow(output, write, stop).await;
+                        drop(permit);
+                    }
+                    Err(_) => {
+                        let mut write = write;
+                        let text = format!(
+                            "error: {MAX_FOLLOWERS} readers already follow; try again later\n"
+                        );
+                        let _ =
+                            tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(text.as_bytes()))
+                                .await;
+                    }
+                }
+            }
         });
     }
 }
 
-async fn answer(stream: UnixStream, book: &StatusBook) -> std::io::Result<()> {
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Request<'a> {
+    Status,
+    /// A board's kept output (the only board's, without a name), then its live output if
+    /// `follow`.
+    Log {
+        board: Option<&'a str>,
+        follow: bool,
+    },
+}
+
+fn parse(line: &str) -> std::result::Result<Request<'_>, String> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("status"), None, ..) => Ok(Request::Status),
+        (Some("log"), Some(how @ ("once" | "follow")), board, None) => Ok(Request::Log {
+            board,
+            follow: how == "follow",
+        }),
+        _ => Err(format!(
+            "error: unknown request {:?}; this esp-bridge answers: status, log once|follow [BOARD]\n",
+            line.trim().chars().take(40).collect::<String>()
+        )),
+    }
+}
+
+/// Answers one request; a log request that follows returns the board's output and the
+/// connection to go on with.
+async fn answer(
+    stream: UnixStream,
+    book: &StatusBook,
+) -> std::io::Result<Option<(Fanout, tokio::net::unix::OwnedWriteHalf)>> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))
         .read_line(&mut line)
         .await?;
-    let reply = match line.trim() {
-        "status" => book.report(),
-        other => format!(
-            "error: unknown request {:?}; this esp-bridge answers: status\n",
-            other.chars().take(40).collect::<String>()
-        ),
+    let (reply, follow) = match parse(&line) {
+        Ok(Request::Status) => (book.report(), None),
+        Ok(Request::Log { board, follow }) => match book.output(board) {
+            Ok(output) => (output.history(), follow.then_some(output)),
+            Err(why) => (format!("error: {why}\n"), None),
+        },
+        Err(why) => (why, None),
     };
     write.write_all(reply.as_bytes()).await?;
-    write.shutdown().await
+    if let Some(output) = follow {
+        return Ok(Some((output, write)));
+    }
+    write.shutdown().await?;
+    Ok(None)
 }
 
-/// `esp-bridge status`: asks the service on `path` and prints its answer.
-pub fn status(path: &Path) -> Result {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+/// Sends the board's output as it comes, as stamped lines, until the reader goes away, stops
+/// reading for [`FOLLOW_WRITE_TIMEOUT`], or the service stops.
+async fn follow(
+    output: Fanout,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let sub = output.subscribe();
+    let mut lines = Lines::default();
+    let mut chunk = Vec::new();
+    loop {
+        let taken = tokio::select! {
+            () = stopping(&mut stop) => return,
+            taken = poll_fn(|cx| sub.poll_take(cx, &mut chunk, 16 * 1024)) => taken,
+        };
+        let mut text = String::new();
+        if taken.lost > 0 {
+            text.push_str(&format!(
+                "[esp-bridge] {} bytes of output lost here: this reader did not keep up\n",
+                taken.lost
+            ));
+        }
+        lines.feed(&chunk, SystemTime::now(), &mut text);
+        chunk.clear();
+        if text.is_empty() {
+            continue;
+        }
+        match tokio::time::timeout(FOLLOW_WRITE_TIMEOUT, write.write_all(text.as_bytes())).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Connects to the service's control socket.
+fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream> {
+    std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         Error::failure(format!(
             "cannot reach the service at {}: {e}\n  hint: is it installed and enabled? `sudo systemctl enable --now esp-bridge.socket` (without systemd, start it with --control-socket {})",
             path.display(),
             path.display()
         ))
-    })?;
+    })
+}
+
+/// `esp-bridge status`: asks the service on `path` and prints its answer.
+pub fn status(path: &Path) -> Result {
+    use std::io::{Read, Write};
+    let mut stream = connect(path)?;
     // Socket activation may start the service first.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     stream
@@ -113,4 +219,72 @@ pub fn status(path: &Path) -> Result {
         .map_err(|e| Error::failure(format!("reading the service's answer failed: {e}")))?;
     print!("{reply}");
     Ok(())
+}
+
+/// `esp-bridge log [BOARD] [-f]`: prints the board's kept output, then (with `follow`) what
+/// it prints from now on, until interrupted.
+pub fn log(path: &Path, board: Option<&str>, follow: bool) -> Result {
+    use std::io::{BufRead, Write};
+    let mut stream = connect(path)?;
+    let request = format!(
+        "log {} {}\n",
+        if follow { "follow" } else { "once" },
+        board.unwrap_or("")
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| Error::failure(format!("asking the service failed: {e}")))?;
+    if !follow {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    }
+    let mut reader = std::io::BufReader::new(stream);
+    let mut out = std::io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| Error::failure(format!("reading the service's answer failed: {e}")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(why) = line.strip_prefix("error: ") {
+            return Err(Error::failure(why.trim_end().to_string()));
+        }
+        if out
+            .write_all(line.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            // The reader of our output went away (a pipe into head).
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_strictly() {
+        assert_eq!(parse("status\n"), Ok(Request::Status));
+        assert_eq!(
+            parse("log once \n"),
+            Ok(Request::Log {
+                board: None,
+                follow: false
+            })
+        );
+        assert_eq!(
+            parse("log follow lab1\n"),
+            Ok(Request::Log {
+                board: Some("lab1"),
+                follow: true
+            })
+        );
+        for bad in ["", "log", "log lab1", "log once a b", "status now", "statu"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

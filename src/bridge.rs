@@ -17,6 +17,7 @@ use crate::log_limit::limited;
 use crate::protocol::{Engine, PortKind};
 use crate::seat::{Decision, Heard, Seat, SeatPolicy, WriterState};
 use crate::session::{ClientView, SharedControl, StopRequest};
+use crate::settings::LineSettings;
 use crate::shutdown::stopping;
 use crate::status::{Activity, BoardStatus, StatusBook, StatusHandle};
 use crate::uart::{SerialDevice, describe_open_error};
@@ -59,7 +60,12 @@ pub struct Bridge {
     listeners: Vec<Listener>,
     control: SharedControl,
     status: StatusHandle,
+    fanout: Fanout,
 }
+
+/// How long the device stays open after the last client left: the boot log a chip prints
+/// after esptool's final reset reaches the board's history (`esp-bridge log`).
+const DEVICE_LINGER: Duration = Duration::from_secs(5);
 
 /// Refusals (a newcomer told why it is not served) under way at once, each bounded in time.
 const MAX_REFUSALS: usize = 8;
@@ -81,6 +87,10 @@ struct Board {
     tasks: JoinSet<u64>,
     seat: Seat,
     device: Device,
+    /// The settings the device was opened with.
+    opened_with: Option<LineSettings>,
+    /// The last client left: the device closes then, unless a client comes first.
+    close_at: Option<Instant>,
     fanout: Fanout,
     /// A takeover waiting for the old writer to hand the device back.
     takeover: Option<(u64, oneshot::Sender<ClaimAnswer>)>,
@@ -89,13 +99,15 @@ struct Board {
 }
 
 impl Bridge {
-    /// Adds the board to `book` (idle, listening on `listeners`).
+    /// Adds the board to `book` (idle, listening on `listeners`, keeping `history` bytes of
+    /// its output).
     pub fn new(
         name: &str,
         device: String,
         listeners: Vec<Listener>,
         control: SharedControl,
         book: &StatusBook,
+        history: usize,
     ) -> Self {
         let resets = control
             .lock()
@@ -107,11 +119,14 @@ impl Bridge {
             device,
             resets,
         ));
+        let fanout = Fanout::new(history);
+        book.add_output(name, fanout.clone());
         Bridge {
             name: name.to_string(),
             listeners,
             control,
             status,
+            fanout,
         }
     }
 
@@ -131,6 +146,7 @@ impl Bridge {
             listeners,
             control,
             status,
+            fanout,
         } = self;
         let mut served = Served::of(&name, &config.borrow_and_update());
         let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(4);
@@ -149,7 +165,9 @@ impl Bridge {
             tasks: JoinSet::new(),
             seat: Seat::new(served.policy()),
             device: Device::Closed,
-            fanout: Fanout::new(),
+            opened_with: None,
+            close_at: None,
+            fanout,
             takeover: None,
             control,
             status,
@@ -168,7 +186,7 @@ impl Bridge {
                     let Some(newcomer) = next else { break };
                     let served = served.latest(&mut config);
                     board.seat.set_policy(served.policy());
-                    board.admit(&served, newcomer, &to_board, &refusals);
+                    board.admit(&served, newcomer, &to_board, &refusals).await;
                 }
                 Some(joined) = board.tasks.join_next_with_id() => {
                     let id = match joined {
@@ -176,6 +194,12 @@ impl Bridge {
                         Err(e) => board.member_of_task(e.id()),
                     };
                     board.left(id).await;
+                }
+                () = crate::timer::sleep_until(board.close_at) => {
+                    board.close_at = None;
+                    if board.members.is_empty() {
+                        board.device.close().await;
+                    }
                 }
                 failed = board.device.failed() => {
                     limited!(error, "device failures", "serial device {} failed: {failed}", served.board.serial.device.display());
@@ -218,7 +242,7 @@ impl Bridge {
 
 impl Board {
     /// A new connection: it watches from now on (the device is opened for the first one).
-    fn admit(
+    async fn admit(
         &mut self,
         served: &Served,
         (stream, peer, kind): Accepted,
@@ -232,11 +256,21 @@ impl Board {
             refuse(stream, peer, why, refusals);
             return;
         }
+        let settings = served.board.serial.line_settings();
+        if self.close_at.take().is_some()
+            && self.members.is_empty()
+            && self.opened_with != Some(settings)
+        {
+            // Still open after the last client, with settings a reload has changed since.
+            self.device.close().await;
+        }
         if let Device::Closed = self.device {
-            let settings = served.board.serial.line_settings();
             let path = &served.board.serial.device;
             match SerialDevice::open(path, &settings) {
-                Ok(uart) => self.device = Device::idle(uart, &self.fanout),
+                Ok(uart) => {
+                    self.device = Device::idle(uart, &self.fanout);
+                    self.opened_with = Some(settings);
+                }
                 Err(e) => {
                     let why = describe_open_error(path, &e);
                     self.status.set(Activity::DeviceUnusable {
@@ -404,9 +438,7 @@ impl Board {
             (Some(n), Some((claimant, answer))) if n == claimant => self.grant(n, answer).await,
             (_, taken) => self.takeover = taken,
         }
-        if self.members.is_empty() {
-            self.device.close().await;
-        }
+        self.linger_if_alone();
         self.show();
     }
 
@@ -432,10 +464,15 @@ impl Board {
             self.device = Device::Closed;
             release(&self.control);
         }
-        if self.members.is_empty() {
-            self.device.close().await;
-        }
+        self.linger_if_alone();
         self.show();
+    }
+
+    /// With no client left, the device closes after [`DEVICE_LINGER`].
+    fn linger_if_alone(&mut self) {
+        if self.members.is_empty() && !matches!(self.device, Device::Closed) {
+            self.close_at = Some(Instant::now() + DEVICE_LINGER);
+        }
     }
 
     /// The member whose task this was (a task that panicked does not say).
@@ -465,11 +502,7 @@ impl Board {
             return;
         }
         match self.members.len() {
-            0 => {
-                if !matches!(self.device, Device::Closed) || self.members.is_empty() {
-                    self.status.set(Activity::Idle);
-                }
-            }
+            0 => self.status.set(Activity::Idle),
             watchers => self.status.set(Activity::Watched { watchers }),
         }
     }

@@ -35,8 +35,9 @@ struct Options {
     /// names another]
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// The control socket `status` asks [default: /run/esp-bridge/control.sock, which
-    /// esp-bridge.socket makes]; without systemd, the service binds it here when given
+    /// The control socket `status` and `log` ask [default: /run/esp-bridge/control.sock,
+    /// which esp-bridge.socket makes]; without systemd, the service (and the demo) binds it
+    /// here when given
     #[arg(long, global = true, value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Serial device, e.g. /dev/serial0 or /dev/ttyUSB0
@@ -67,6 +68,15 @@ enum Command {
     CheckConfig,
     /// Show what each board is doing, asking the running service (on the Pi)
     Status,
+    /// Print what a board printed recently, each line with the time it arrived (asking the
+    /// running service, on the Pi); with --follow, go on with what it prints from now on
+    Log {
+        /// The board's name (not needed when there is one board)
+        board: Option<String>,
+        /// Keep printing the board's output as it comes, until interrupted
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// List the serial devices of this machine with their stable names, which board uses
     /// each, and a ready [[board]] table for the others
     Devices,
@@ -142,13 +152,23 @@ pub fn run() -> u8 {
         }),
         Command::CheckConfig => load(&cli.options, &overrides)
             .and_then(|(config, source)| crate::check::check_config(&config, &source)),
-        Command::Demo(args) => crate::demo::run_demo(args, &overrides),
+        Command::Demo(args) => {
+            crate::demo::run_demo(args, &overrides, cli.options.control_socket.as_deref())
+        }
         Command::Sim(args) => esp_sim::run_cli(args).map_err(Error::failure),
         Command::Status => crate::admin::status(
             cli.options
                 .control_socket
                 .as_deref()
                 .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
+        ),
+        Command::Log { board, follow } => crate::admin::log(
+            cli.options
+                .control_socket
+                .as_deref()
+                .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
+            board.as_deref(),
+            follow,
         ),
         Command::Devices => load(&cli.options, &overrides).map(|(config, _)| {
             print!(
@@ -193,7 +213,11 @@ impl Command {
     fn prints_a_report(&self) -> bool {
         matches!(
             self,
-            Command::CheckConfig | Command::Status | Command::Devices | Command::UartName { .. }
+            Command::CheckConfig
+                | Command::Status
+                | Command::Log { .. }
+                | Command::Devices
+                | Command::UartName { .. }
         )
     }
 }

@@ -8,7 +8,8 @@ use crate::fanout::Fanout;
 use crate::log_limit::limited;
 use crate::protocol::PortKind;
 use crate::session::{
-    ComPort, EndReason, Framing, Report, Session, SessionInfo, SharedControl, Start, StopRequest,
+    ClientView, ComPort, EndReason, Framing, Report, Session, SessionInfo, SharedControl, Start,
+    StopRequest,
 };
 use crate::status::{Activity, StatusHandle};
 use crate::watcher::{BoardLink, Client, ToBoard, Watched};
@@ -87,11 +88,16 @@ pub async fn serve(
                 port.adopt(&client.view);
                 Framing::Rfc2217(engine)
             }
-            None => Framing::esp_raw(
-                settings.baud,
-                board.serial.flash_baud.rate(),
-                port.can_reset(),
-            ),
+            None => {
+                // The board's settings as configured now: the device stays open between
+                // writers, and a reload may have changed them since it was opened.
+                port.adopt(&ClientView::new(settings));
+                Framing::esp_raw(
+                    settings.baud,
+                    board.serial.flash_baud.rate(),
+                    port.can_reset(),
+                )
+            }
         };
         let info = SessionInfo {
             id: client.id,

@@ -15,7 +15,7 @@ use crate::protocol::PortKind;
 use esp_sim::{BootMode, Esp32Sim, Level, SimConfig, StrapPins};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -188,7 +188,7 @@ fn per_board(path: &Option<PathBuf>, name: &str, many: bool) -> Option<PathBuf> 
     Some(path.with_file_name(file))
 }
 
-pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
+pub fn run_demo(args: DemoArgs, overrides: &Overrides, control_socket: Option<&Path>) -> Result {
     let count = usize::from(args.boards);
     let many = count > 1;
     // With several boards, --listen gives the first port and the host; each board takes the
@@ -275,7 +275,7 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides) -> Result {
     let served = crate::service::block_on(async {
         let signals = crate::service::install_signals()?;
         // Sockets systemd passes (named BOARD.rfc2217 / BOARD.raw), or the demo's own.
-        let sockets = crate::service::sockets(&config, None).await?;
+        let sockets = crate::service::sockets(&config, control_socket).await?;
         // Said once the ports are bound, with the addresses they really have.
         let shown: Vec<_> = config
             .boards

@@ -3,11 +3,14 @@
 //! Whoever reads the device (the writer's session, or the board's idle reader when nobody
 //! writes) publishes each chunk here once. Each watcher has a bounded buffer of its own:
 //! publishing never waits, so a watcher that does not keep up only loses output (counted, and
-//! told to it), never slows the writer or the device.
+//! told to it), never slows the writer or the device. The board's history
+//! ([`crate::history`]) is kept here too, fed by the same publish.
 
+use crate::history::History;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+use std::time::SystemTime;
 
 /// The most device output held for one watcher that is not reading.
 pub const WATCHER_BUFFER: usize = 32 * 1024;
@@ -21,14 +24,14 @@ struct Sink {
     waker: Option<Waker>,
 }
 
-#[derive(Default)]
 struct Inner {
     sinks: Vec<Sink>,
     next_id: u64,
+    history: History,
 }
 
 /// One board's output fan-out; cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Fanout {
     inner: Arc<Mutex<Inner>>,
 }
@@ -41,8 +44,20 @@ pub struct Taken {
 }
 
 impl Fanout {
-    pub fn new() -> Self {
-        Self::default()
+    /// A fan-out that keeps `history` bytes of the board's output.
+    pub fn new(history: usize) -> Self {
+        Fanout {
+            inner: Arc::new(Mutex::new(Inner {
+                sinks: Vec::new(),
+                next_id: 0,
+                history: History::new(history),
+            })),
+        }
+    }
+
+    /// The kept output, as stamped lines.
+    pub fn history(&self) -> String {
+        self.lock().history.render()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -55,6 +70,7 @@ impl Fanout {
             return;
         }
         let mut inner = self.lock();
+        inner.history.push(bytes, SystemTime::now());
         for sink in &mut inner.sinks {
             let room = WATCHER_BUFFER.saturating_sub(sink.buf.len());
             let take = room.min(bytes.len());
@@ -149,7 +165,7 @@ mod tests {
 
     #[test]
     fn every_watcher_gets_every_byte_in_order() {
-        let f = Fanout::new();
+        let f = Fanout::new(0);
         let (a, b) = (f.subscribe(), f.subscribe());
         f.publish(b"boot: ");
         f.publish(b"hello\r\n");
@@ -164,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_watcher_that_does_not_read_loses_output_counted_and_bounded() {
-        let f = Fanout::new();
+        let f = Fanout::new(0);
         let (slow, fast) = (f.subscribe(), f.subscribe());
         let chunk = vec![7u8; 1000];
         let mut got = 0;
@@ -183,8 +199,20 @@ mod tests {
     }
 
     #[test]
+    fn the_history_keeps_what_was_published_while_nobody_watched() {
+        let f = Fanout::new(4096);
+        f.publish(b"I (120) boot: Loaded app\r\n");
+        let s = f.subscribe();
+        f.publish(b"tick\r\n");
+        let text = f.history();
+        assert!(text.contains(" I (120) boot: Loaded app\n"), "{text}");
+        assert!(text.ends_with(" tick\n"), "{text}");
+        assert_eq!(take(&s, 100), Some((b"tick\r\n".to_vec(), 0)));
+    }
+
+    #[test]
     fn a_late_watcher_gets_only_what_follows() {
-        let f = Fanout::new();
+        let f = Fanout::new(0);
         f.publish(b"before");
         let s = f.subscribe();
         assert_eq!(take(&s, 10), None);

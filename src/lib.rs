@@ -28,6 +28,7 @@ mod demo;
 mod devices;
 mod error;
 mod fanout;
+mod history;
 mod log_limit;
 mod pi_uarts;
 pub mod protocol;

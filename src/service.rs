@@ -257,6 +257,7 @@ async fn supervise(
             listeners,
             Arc::new(Mutex::new(control)),
             supervisor.status_book(),
+            board.serial.history_kib.bytes(),
         );
         supervisor.spawn(bridge);
     }

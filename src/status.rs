@@ -2,10 +2,12 @@
 //! reads it for systemd's one-line status, and nobody below the supervisor talks to systemd.
 
 use crate::control::{ResetKind, ResetLog};
+use crate::fanout::Fanout;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -115,10 +117,12 @@ impl BoardStatus {
     }
 }
 
-/// Every board's status; cheap to clone, shared by the writers.
-#[derive(Debug, Clone)]
+/// Every board's status, and where its output can be read (`esp-bridge log`); cheap to
+/// clone, shared by the writers.
+#[derive(Clone)]
 pub struct StatusBook {
     boards: Arc<watch::Sender<Vec<BoardStatus>>>,
+    outputs: Arc<Mutex<BTreeMap<String, Fanout>>>,
 }
 
 impl Default for StatusBook {
@@ -131,6 +135,33 @@ impl StatusBook {
     pub fn new() -> Self {
         StatusBook {
             boards: Arc::new(watch::Sender::new(Vec::new())),
+            outputs: Arc::new(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// Makes a board's output readable by name.
+    pub fn add_output(&self, name: &str, output: Fanout) {
+        self.outputs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), output);
+    }
+
+    /// A board's output, by name; with no name, the only board's.
+    pub fn output(&self, name: Option<&str>) -> Result<Fanout, String> {
+        let outputs = self.outputs.lock().unwrap_or_else(PoisonError::into_inner);
+        let names = || outputs.keys().cloned().collect::<Vec<_>>().join(", ");
+        match name {
+            Some(n) => outputs
+                .get(n)
+                .cloned()
+                .ok_or_else(|| format!("no board named {n:?}; the boards are: {}", names())),
+            None if outputs.len() == 1 => outputs
+                .values()
+                .next()
+                .cloned()
+                .ok_or_else(|| "no boards".to_string()),
+            None => Err(format!("name the board: {}", names())),
         }
     }
 
@@ -189,7 +220,7 @@ fn ago(d: Duration) -> String {
 }
 
 /// One board's writer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StatusHandle {
     book: StatusBook,
     index: usize,

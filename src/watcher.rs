@@ -30,6 +30,9 @@ use tokio::time::Instant;
 
 /// The most of a watcher's output moved into its send buffer at once.
 const OUT_CHUNK: usize = 8 * 1024;
+/// Above this much waiting to be sent to the client (answers it does not read), the client is
+/// not read.
+const OUT_MAX: usize = 64 * 1024;
 /// A claim the board refused is asked again at most this often.
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
 /// How long a claim may wait for the board's answer (a takeover waits for the old writer to
@@ -146,7 +149,9 @@ impl Client {
                     Ok(n) => { self.out.drain(..n); }
                     Err(e) => return Watched::Gone(crate::session::client_error(e)),
                 },
-                read = rd.read(&mut read_buf) => {
+                // A client that sends requests and does not read the answers is not read
+                // further until it does: what waits for it stays bounded.
+                read = rd.read(&mut read_buf), if self.out.len() <= OUT_MAX => {
                     let n = match read {
                         Ok(0) => return Watched::Gone(EndReason::ClientClosed),
                         Ok(n) => n,

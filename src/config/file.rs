@@ -39,6 +39,8 @@ pub struct SerialConfig {
     /// Raw port: the rate a running flasher stub is moved to, whatever the client asked
     /// (0: the client's own rate).
     pub flash_baud: FlashBaud,
+    /// How much of the board's recent output is kept for `esp-bridge log` (KiB; 0: none).
+    pub history_kib: HistoryKib,
 }
 
 /// 921600 by default: the rate esptool's own users pick for flashing (Arduino's default),
@@ -56,6 +58,7 @@ impl Default for SerialConfig {
             stop_bits: StopBits::One,
             flow_control: FlowControl::None,
             flash_baud: FlashBaud(DEFAULT_FLASH_BAUD),
+            history_kib: HistoryKib(64),
         }
     }
 }
@@ -242,6 +245,8 @@ pub struct SerialOverrides {
     pub flow_control: Option<FlowControl>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flash_baud: Option<FlashBaud>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_kib: Option<HistoryKib>,
 }
 
 impl SerialOverrides {
@@ -263,6 +268,10 @@ impl SerialOverrides {
                 .flash_baud
                 .clone()
                 .unwrap_or_else(|| base.flash_baud.clone()),
+            history_kib: self
+                .history_kib
+                .clone()
+                .unwrap_or_else(|| base.history_kib.clone()),
         }
     }
 }
@@ -444,6 +453,7 @@ impl Config {
                         stop_bits: Some(b.serial.stop_bits),
                         flow_control: Some(b.serial.flow_control),
                         flash_baud: Some(b.serial.flash_baud.clone()),
+                        history_kib: Some(b.serial.history_kib.clone()),
                     },
                     control: ControlOverrides {
                         backend: Some(b.control.backend),

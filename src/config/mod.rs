@@ -588,6 +588,8 @@ mod tests {
                 "604800",
             ),
             ("[network]\nidle_exit_secs = -1\n", "604800"),
+            ("[serial]\nhistory_kib = 4097\n", "0 (keep none) to 4096"),
+            ("[serial]\nhistory_kib = -1\n", "0 (keep none) to 4096"),
             ("[network]\ntakeover_idle_secs = 0\n", "1 to 86400"),
             ("[network]\ntakeover_idle_secs = 86401\n", "1 to 86400"),
             (

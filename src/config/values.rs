@@ -196,6 +196,26 @@ impl FlashBaud {
     }
 }
 
+/// The most output a board keeps for `esp-bridge log` (4 MiB).
+pub const HISTORY_KIB_MAX: i64 = 4096;
+
+checked_value!(HistoryKib, u32, |v| {
+    if (0..=HISTORY_KIB_MAX).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(format!(
+            "history_kib {v} is out of range: use 0 (keep none) to {HISTORY_KIB_MAX} KiB"
+        ))
+    }
+});
+
+impl HistoryKib {
+    /// The limit in bytes.
+    pub fn bytes(&self) -> usize {
+        usize::try_from(self.0).unwrap_or(0).saturating_mul(1024)
+    }
+}
+
 checked_value!(DataBits, u8, |v| {
     if (5..=8).contains(&v) {
         Ok(v as u8)

@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -458,3 +459,77 @@ def test_a_connection_past_the_limit_is_told_why(bridge_on, device):
     finally:
         for s in held:
             s.close()
+
+
+def test_a_watcher_flooding_requests_without_reading_stays_bounded(bridge_on, device):
+    """A watcher's requests are answered from its own view; one that sends 100,000 of them and
+    does not read the answers is not read further once 64 KiB of answers wait for it: the
+    bridge's memory stays flat, and every answer arrives once it reads."""
+    bridge = bridge_on()
+    s = raw_client(bridge)
+    count = 100_000
+    request = bytes([IAC, SB, 44, 1]) + struct.pack(">I", 115200) + bytes([IAC, 240])
+    sender = threading.Thread(target=s.sendall, args=(request * count,), daemon=True)
+    sender.start()
+    time.sleep(2.0)
+    with open(f"/proc/{bridge.proc.pid}/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    assert hwm < 20 * 1024, f"peak RSS {hwm} KiB while the watcher did not read"
+    reply = bytes([IAC, SB, 44, 101]) + struct.pack(">I", 115200) + bytes([IAC, 240])
+    s.settimeout(5)
+    got = 0
+    tail = b""
+    deadline = time.monotonic() + 60
+    while got < count and time.monotonic() < deadline:
+        chunk = tail + s.recv(1 << 16)
+        got += chunk.count(reply)
+        cut = chunk.rfind(reply)
+        tail = chunk[cut + len(reply):] if cut >= 0 else chunk[-len(reply):]
+    sender.join(10)
+    assert got == count, f"{got} of {count} answered"
+    s.close()
+
+
+STAMP = rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
+
+
+def test_the_boot_log_after_a_flash_is_kept_and_esp_bridge_log_replays_and_follows(demo, tmp_path):
+    """No client watches while esptool flashes through socket://: the boot log the new
+    application prints after esptool's final reset is in the board's history all the same
+    (the device stays open a few seconds after the last client), and `esp-bridge log` replays
+    it with timestamps; `esp-bridge log -f` then follows the board's output."""
+    control = tmp_path / "control.sock"
+    bridge = demo("--control-socket", str(control))
+    wait_mode(bridge, "app")
+    image = os.urandom(80 * 1024)
+    path = tmp_path / "app.bin"
+    path.write_bytes(image)
+    r, out = esptool(bridge, "write-flash", "0x10000", str(path))
+    assert r.returncode == 0 and "Hash of data verified" in out, out
+    line = STAMP + rb"I \(156\) app_init: App image MD5:    " + app_digest(image).encode() + rb"\n"
+    deadline = time.monotonic() + 10
+    while True:
+        log = subprocess.run([str(BIN), "log", "--control-socket", str(control)],
+                             capture_output=True, timeout=20)
+        assert log.returncode == 0, log.stderr
+        if re.search(line, log.stdout) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert re.search(line, log.stdout), log.stdout[-2000:]
+    assert re.search(STAMP + rb"I \(30\) boot: ESP-IDF", log.stdout), "the bootloader's lines"
+    # Following: what the board prints from now on (here while a watcher keeps it served).
+    follower = subprocess.Popen([str(BIN), "log", "-f", "--control-socket", str(control)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    followed = Output(follower.stdout)
+    watcher = socket.create_connection(("127.0.0.1", bridge.raw_port))
+    try:
+        followed.wait_for(b"hello from the virtual ESP32, uptime", timeout=15)
+        assert re.search(STAMP + rb"I \(\d+\) app: hello from the virtual ESP32", bytes(followed.data))
+    finally:
+        watcher.close()
+        follower.terminate()
+        follower.wait(5)
+    # A board that is not there is named, with the ones that are.
+    bad = subprocess.run([str(BIN), "log", "nosuch", "--control-socket", str(control)],
+                         capture_output=True, text=True, timeout=20)
+    assert bad.returncode != 0 and 'no board named "nosuch"' in bad.stderr and "default" in bad.stderr, bad
