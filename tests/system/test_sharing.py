@@ -192,9 +192,11 @@ def read_until_notice(sock, needle, timeout):
         if not chunk:
             break
         total += len(chunk)
-        tail = (tail + chunk)[-4096:]
-        if needle in tail:
-            return tail
+        window = tail + chunk
+        at = window.find(needle)
+        if at >= 0:
+            return window[max(0, at - 200):at + 200]
+        tail = window[-4096:]
     raise AssertionError(f"no {needle!r} in the {total} bytes read; the last: {tail[-200:]!r}")
 
 
