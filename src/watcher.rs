@@ -17,7 +17,7 @@ use crate::protocol::PortKind;
 use crate::protocol::telnet::NEGOTIATION_TIME;
 use crate::protocol::{Engine, Event, PortCommand, Reply, Request};
 use crate::seat::{Busy, Heard};
-use crate::session::{Claim, ClientView, EndReason, StopRequest};
+use crate::session::{Claim, ClientView, EndReason, StopRequest, note_ignored};
 use crate::settings::{BAUD_MAX, BAUD_MIN, baud_in_range};
 use crate::uart::SerialDevice;
 use std::future::poll_fn;
@@ -162,11 +162,7 @@ impl Client {
                         None => Some(Claim::Bytes(read_buf[..n].to_vec())),
                         Some(engine) => {
                             engine.receive(&read_buf[..n], &mut events, &mut self.out);
-                            if !engine.in_subnegotiation() {
-                                subnegotiation_since = None;
-                            } else if subnegotiation_since.is_none() {
-                                subnegotiation_since = Some(Instant::now());
-                            }
+                            subnegotiation_since = engine.subnegotiation_since(subnegotiation_since, Instant::now);
                             self.answer(&mut events, &mut suspended, &sub, board.signature)
                         }
                     };
@@ -251,17 +247,7 @@ impl Client {
                     self.view.answer(cmd, signature)
                 }
                 Event::Ignored(what) => {
-                    self.ignored = self.ignored.saturating_add(1);
-                    // As in a session: the first few are worth a line each.
-                    if self.ignored <= 5 {
-                        limited!(
-                            warn,
-                            "ignored requests",
-                            session = self.id,
-                            peer = %self.peer,
-                            "ignored input from the client: {what}"
-                        );
-                    }
+                    note_ignored(&mut self.ignored, self.id, self.peer, what);
                     None
                 }
                 Event::ComPortEnabled => Some(Reply::ModemState(0)),

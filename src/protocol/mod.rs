@@ -166,6 +166,16 @@ impl Engine {
         self.parser.in_subnegotiation()
     }
 
+    /// When the open subnegotiation began: `since` if it was already open, `now()` if it has
+    /// just begun, `None` when none is open. (The caller keeps the time; the codec has none.)
+    pub fn subnegotiation_since<T>(&self, since: Option<T>, now: impl FnOnce() -> T) -> Option<T> {
+        if self.in_subnegotiation() {
+            Some(since.unwrap_or_else(now))
+        } else {
+            None
+        }
+    }
+
     /// Whether the client speaks telnet: it has answered the server's offers (or sent
     /// negotiation of its own).
     pub fn negotiated(&self) -> bool {

@@ -513,11 +513,8 @@ impl<U: Uart> Session<U> {
         match &mut self.framing {
             Framing::Rfc2217(engine) => {
                 engine.receive(input, &mut self.events, &mut self.out);
-                if !engine.in_subnegotiation() {
-                    self.subnegotiation_since = None;
-                } else if self.subnegotiation_since.is_none() {
-                    self.subnegotiation_since = Some(Instant::now());
-                }
+                self.subnegotiation_since =
+                    engine.subnegotiation_since(self.subnegotiation_since, Instant::now);
             }
             Framing::EspRaw(raw) => raw.from_client(input, &mut self.pending, &mut self.events),
         }
@@ -696,18 +693,7 @@ impl<U: Uart> Session<U> {
                 }
                 Event::Ignored(_) => {
                     if let Some(Event::Ignored(what)) = self.inbound.pop_front() {
-                        self.ignored += 1;
-                        // The first few are worth a line each; a flood is summed up at the
-                        // end of the session, and across sessions by the rate limit.
-                        if self.ignored <= 5 {
-                            limited!(
-                                warn,
-                                "ignored requests",
-                                session = self.info.id,
-                                peer = %self.info.peer,
-                                "ignored input from the client: {what}"
-                            );
-                        }
+                        note_ignored(&mut self.ignored, self.info.id, self.info.peer, &what);
                     }
                     progress = true;
                 }
@@ -812,6 +798,22 @@ impl<U: Uart> Session<U> {
             let reply = self.port.modem_state(false);
             self.reply(reply);
         }
+    }
+}
+
+/// Counts a malformed request the client sent and logs it: the first few of a connection are
+/// worth a line each; a flood is summed up at the end of the session, and across connections
+/// by the rate limit. (A watcher's requests are counted the same way.)
+pub fn note_ignored(count: &mut u64, id: u64, peer: SocketAddr, what: &str) {
+    *count = count.saturating_add(1);
+    if *count <= 5 {
+        limited!(
+            warn,
+            "ignored requests",
+            session = id,
+            peer = %peer,
+            "ignored input from the client: {what}"
+        );
     }
 }
 
