@@ -725,8 +725,15 @@ def bulk_once(route, mode, nbytes, timeout):
             if mode == "down":
                 # A raw client has no handshake to wait for, and esp-bridge empties the tty's
                 # input when its session opens the device (bytes from before are stale): the
-                # device starts sending only once the server holds it open.
+                # device starts sending only once the server holds it open. A client that has
+                # never written is a watcher on esp-bridge (its output may be dropped when it
+                # falls behind), so the client writes one byte first, as every terminal user
+                # does, and the transfer starts once that byte reached the device (every
+                # server gets the same byte).
                 wait_device_open(server.pid, dev.path, deadline=time.monotonic() + 10)
+                dev.command("expect 1")
+                end.sendall(b"\r")
+                dev.wait("done", 10)
             cpu0 = cpu_seconds(server.pid)
             ns0 = task_cpu_ns(server.pid)
         deadline = time.monotonic() + timeout

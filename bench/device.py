@@ -3,7 +3,8 @@
 
     device.py echo     everything read from the master is written back (the echo device)
     device.py sink     reads and counts; "expect N" on stdin -> prints "done" once N bytes came
-    device.py source   "send N" on stdin -> writes N pattern bytes, prints "sent"
+    device.py source   "send N" on stdin -> writes N pattern bytes, prints "sent"; counts what
+                       it reads like sink ("expect N")
 
 It prints the slave's path on stdout, then serves until stdin closes or SIGTERM. The same
 single-threaded loop (poll + os.read/os.write, 64 KiB at a time) plays the device for every
@@ -80,7 +81,9 @@ def main():
                     data = b""
                 if mode == "echo":
                     pending += data
-                elif mode == "sink":
+                else:
+                    # sink and source count what they read: the benchmark's down client sends
+                    # one byte first (its claim on esp-bridge) and waits for "expect 1".
                     count += len(data)
                     if expect is not None and count >= expect:
                         print("done", flush=True)
