@@ -7,14 +7,12 @@
 
 use crate::error::{Error, Result};
 use crate::fanout::Fanout;
-use crate::history::Lines;
 use crate::log_limit::limited;
 use crate::shutdown::stopping;
 use crate::status::StatusBook;
-use std::future::poll_fn;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
@@ -29,8 +27,6 @@ const MAX_REQUEST: u64 = 256;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// `esp-bridge log -f` readers at once.
 const MAX_FOLLOWERS: usize = 4;
-/// How long one write to a follower may take before it is dropped (a reader that stopped).
-const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the control socket at `path` (without systemd): a stale socket file is replaced,
 /// anything else at that path is refused.
@@ -86,7 +82,9 @@ pub async fn serve(listener: UnixListener, book: StatusBook, mut stop: watch::Re
             if let Ok(Ok(Some((output, write)))) = answered {
                 match Arc::clone(&followers).try_acquire_owned() {
                     Ok(permit) => {
-                        follow(output, write, stop).await;
+                        let mut write = write;
+                        let mut stop = stop;
+                        crate::console::follow(&output, &mut write, stopping(&mut stop)).await;
                         drop(permit);
                     }
                     Err(_) => {
@@ -144,8 +142,10 @@ async fn answer(
         .await?;
     let (reply, follow) = match parse(&line) {
         Ok(Request::Status) => (book.report(), None),
+        // A follower gets the history from `console::follow`, with nothing missed between.
         Ok(Request::Log { board, follow }) => match book.output(board) {
-            Ok(output) => (output.history(), follow.then_some(output)),
+            Ok(output) if follow => (String::new(), Some(output)),
+            Ok(output) => (output.history(), None),
             Err(why) => (format!("error: {why}\n"), None),
         },
         Err(why) => (why, None),
@@ -156,40 +156,6 @@ async fn answer(
     }
     write.shutdown().await?;
     Ok(None)
-}
-
-/// Sends the board's output as it comes, as stamped lines, until the reader goes away, stops
-/// reading for [`FOLLOW_WRITE_TIMEOUT`], or the service stops.
-async fn follow(
-    output: Fanout,
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut stop: watch::Receiver<bool>,
-) {
-    let sub = output.subscribe();
-    let mut lines = Lines::default();
-    let mut chunk = Vec::new();
-    loop {
-        let taken = tokio::select! {
-            () = stopping(&mut stop) => return,
-            taken = poll_fn(|cx| sub.poll_take(cx, &mut chunk, 16 * 1024)) => taken,
-        };
-        let mut text = String::new();
-        if taken.lost > 0 {
-            text.push_str(&format!(
-                "[esp-bridge] {} bytes of output lost here: this reader did not keep up\n",
-                taken.lost
-            ));
-        }
-        lines.feed(&chunk, SystemTime::now(), &mut text);
-        chunk.clear();
-        if text.is_empty() {
-            continue;
-        }
-        match tokio::time::timeout(FOLLOW_WRITE_TIMEOUT, write.write_all(text.as_bytes())).await {
-            Ok(Ok(())) => {}
-            _ => return,
-        }
-    }
 }
 
 /// Connects to the service's control socket.

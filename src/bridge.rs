@@ -73,6 +73,10 @@ const MAX_REFUSALS: usize = 8;
 /// How long the control lines may take to reach their safe state at shutdown.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often a board whose output goes to the journal tries to open its missing device (a
+/// USB adapter unplugged, or not there yet at boot).
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
 /// One connection, as the bridge knows it.
 struct Member {
     peer: SocketAddr,
@@ -96,6 +100,13 @@ struct Board {
     takeover: Option<(u64, oneshot::Sender<ClaimAnswer>)>,
     control: SharedControl,
     status: StatusHandle,
+    /// The board's output goes to the journal: its device is kept open, client or not, and
+    /// opened again while it is missing.
+    journal: bool,
+    /// When to try opening a missing device again (`journal` boards).
+    reopen_at: Option<Instant>,
+    /// The device was found missing and that was logged; its return is logged too.
+    missing: bool,
 }
 
 impl Bridge {
@@ -171,7 +182,16 @@ impl Bridge {
             takeover: None,
             control,
             status,
+            journal: served.board.serial.journal,
+            reopen_at: None,
+            missing: false,
         };
+        let journal = board.journal.then(|| {
+            tokio::spawn(crate::journal_output::run(board.fanout.clone()).in_current_span())
+        });
+        if board.journal {
+            board.keep_open(&served);
+        }
         loop {
             tokio::select! {
                 // A connection's messages before its end: a writer hands the device back
@@ -200,6 +220,11 @@ impl Bridge {
                     if board.members.is_empty() {
                         board.device.close().await;
                     }
+                }
+                () = crate::timer::sleep_until(board.reopen_at) => {
+                    board.reopen_at = None;
+                    let served = served.latest(&mut config);
+                    board.keep_open(&served);
                 }
                 failed = board.device.failed() => {
                     limited!(error, "device failures", "serial device {} failed: {failed}", served.board.serial.device.display());
@@ -230,6 +255,9 @@ impl Bridge {
             tracing::warn!("connections did not stop in time; abandoning them");
             board.tasks.abort_all();
         }
+        if let Some(task) = journal {
+            task.abort();
+        }
         board.device.close().await;
         release(&board.control);
         // The lines reach their safe state before the process (and its line request) ends.
@@ -256,30 +284,18 @@ impl Board {
             refuse(stream, peer, why, refusals);
             return;
         }
-        let settings = served.board.serial.line_settings();
-        if self.close_at.take().is_some()
-            && self.members.is_empty()
-            && self.opened_with != Some(settings)
+        self.close_at = None;
+        if self.members.is_empty()
+            && matches!(self.device, Device::Idle { .. })
+            && self.opened_with != Some(served.board.serial.line_settings())
         {
-            // Still open after the last client, with settings a reload has changed since.
+            // Open with nobody connected (after the last client, or for the journal), with
+            // settings a reload has changed since.
             self.device.close().await;
         }
-        if let Device::Closed = self.device {
-            let path = &served.board.serial.device;
-            match SerialDevice::open(path, &settings) {
-                Ok(uart) => {
-                    self.device = Device::idle(uart, &self.fanout);
-                    self.opened_with = Some(settings);
-                }
-                Err(e) => {
-                    let why = describe_open_error(path, &e);
-                    self.status.set(Activity::DeviceUnusable {
-                        device: path.display().to_string(),
-                    });
-                    refuse(stream, peer, why, refusals);
-                    return;
-                }
-            }
+        if let Err(why) = self.open(served) {
+            refuse(stream, peer, why, refusals);
+            return;
         }
         if let Err(e) = tune_socket(&stream, served.network.keepalive) {
             limited!(
@@ -291,15 +307,28 @@ impl Board {
         let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         let heard = Heard::new();
         let (stop, stop_rx) = watch::channel(None);
+        if kind == PortKind::Console {
+            limited!(info, "clients connect", peer = %peer, "console reader {peer} connected");
+            let task = self.tasks.spawn(
+                read_console(
+                    id,
+                    stream,
+                    peer,
+                    greeting(served),
+                    self.fanout.clone(),
+                    stop_rx,
+                )
+                .in_current_span(),
+            );
+            self.add_member(id, peer, heard, stop, task.id());
+            return;
+        }
         let client = Client {
             id,
             peer,
             kind,
             tcp: stream,
-            engine: match kind {
-                PortKind::Rfc2217 => Some(Engine::new()),
-                PortKind::EspRaw => None,
-            },
+            engine: (kind == PortKind::Rfc2217).then(Engine::new),
             view: ClientView::new(served.board.serial.line_settings()),
             out: Vec::new(),
             heard: heard.clone(),
@@ -330,16 +359,78 @@ impl Board {
             }
             .in_current_span(),
         );
+        self.add_member(id, peer, heard, stop, task.id());
+    }
+
+    fn add_member(
+        &mut self,
+        id: u64,
+        peer: SocketAddr,
+        heard: Heard,
+        stop: watch::Sender<Option<StopRequest>>,
+        task: tokio::task::Id,
+    ) {
         self.members.insert(
             id,
             Member {
                 peer,
                 heard,
                 stop,
-                task: task.id(),
+                task,
             },
         );
         self.show();
+    }
+
+    /// Opens the device if it is closed; the reason it cannot be, with the fix, otherwise.
+    fn open(&mut self, served: &Served) -> Result<(), String> {
+        if !matches!(self.device, Device::Closed) {
+            return Ok(());
+        }
+        let path = &served.board.serial.device;
+        let settings = served.board.serial.line_settings();
+        match SerialDevice::open(path, &settings) {
+            Ok(uart) => {
+                self.device = Device::idle(uart, &self.fanout);
+                self.opened_with = Some(settings);
+                if std::mem::take(&mut self.missing) {
+                    tracing::info!(
+                        "serial device {} is back; the board's output goes to the journal again",
+                        path.display()
+                    );
+                }
+                self.show();
+                Ok(())
+            }
+            Err(e) => {
+                self.status.set(Activity::DeviceUnusable {
+                    device: path.display().to_string(),
+                });
+                Err(describe_open_error(path, &e))
+            }
+        }
+    }
+
+    /// A board whose output goes to the journal: its device open, or another try planned.
+    fn keep_open(&mut self, served: &Served) {
+        if !self.journal {
+            return;
+        }
+        if let Err(why) = self.open(served) {
+            if !std::mem::replace(&mut self.missing, true) {
+                tracing::warn!(
+                    "the board's output cannot go to the journal: {why}; trying again every second"
+                );
+            }
+            self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+        }
+    }
+
+    /// The device is closed after a failure: a journal board tries it again later.
+    fn reopen_later(&mut self) {
+        if self.journal && self.reopen_at.is_none() {
+            self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+        }
     }
 
     /// Client `id` wants to write.
@@ -424,6 +515,7 @@ impl Board {
         let next = self.seat.released(id, Instant::now());
         let Some(uart) = uart else {
             self.device = Device::Closed;
+            self.reopen_later();
             if let Some((_, answer)) = self.takeover.take() {
                 let _ = answer.send(ClaimAnswer::Unusable(
                     "the serial device failed or disappeared".into(),
@@ -462,15 +554,17 @@ impl Board {
                 ));
             }
             self.device = Device::Closed;
+            self.reopen_later();
             release(&self.control);
         }
         self.linger_if_alone();
         self.show();
     }
 
-    /// With no client left, the device closes after [`DEVICE_LINGER`].
+    /// With no client left, the device closes after [`DEVICE_LINGER`] (a journal board's stays
+    /// open).
     fn linger_if_alone(&mut self) {
-        if self.members.is_empty() && !matches!(self.device, Device::Closed) {
+        if self.members.is_empty() && !self.journal && !matches!(self.device, Device::Closed) {
             self.close_at = Some(Instant::now() + DEVICE_LINGER);
         }
     }
@@ -488,6 +582,7 @@ impl Board {
             device: served.board.serial.device.display().to_string(),
         });
         self.stop_all(StopRequest::DeviceGone);
+        self.reopen_later();
     }
 
     fn stop_all(&self, why: StopRequest) {
@@ -698,6 +793,45 @@ fn tune_socket(stream: &TcpStream, keepalive: Duration) -> std::io::Result<()> {
     // about 15 minutes instead of the keepalive budget.
     sock.set_tcp_user_timeout(Some(keepalive + interval * 3))?;
     Ok(())
+}
+
+/// The console port's first line.
+fn greeting(served: &Served) -> String {
+    format!(
+        "[esp-bridge] board {} ({}): what it printed, then live; read-only\n",
+        served.board.name,
+        served.board.serial.device.display()
+    )
+}
+
+/// One reader of the board's console port, until it leaves or the board stops it.
+async fn read_console(
+    id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    greeting: String,
+    output: Fanout,
+    mut stop: watch::Receiver<Option<StopRequest>>,
+) -> u64 {
+    let stopped = async move {
+        loop {
+            let request = *stop.borrow_and_update();
+            match request {
+                Some(StopRequest::Shutdown) => return "the service stops".to_string(),
+                Some(StopRequest::DeviceGone) => {
+                    return "the serial device failed or disappeared; connect again when it is back"
+                        .to_string();
+                }
+                Some(StopRequest::HandOver) | None => {}
+            }
+            if stop.changed().await.is_err() {
+                return "the service stops".to_string();
+            }
+        }
+    };
+    crate::console::serve_reader(stream, &greeting, &output, stopped).await;
+    limited!(info, "console readers leave", "console reader {peer} left");
+    id
 }
 
 /// Tells a newcomer why it is not served (bounded), and says it in the log. Past

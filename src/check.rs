@@ -44,6 +44,18 @@ pub fn findings(config: &Config) -> Vec<Finding> {
             out.push(named(Finding::Note(note)));
         }
         out.push(named(control_finding(board)));
+        if board.serial.journal {
+            out.push(named(Finding::Ok(format!(
+                "output to the journal, line by line (journalctl -u esp-bridge BOARD={}); the device is read from the service's start, which the systemd units then do at boot",
+                board.name
+            ))));
+            if let Some(after) = config.network.idle_exit {
+                out.push(named(Finding::Note(format!(
+                    "idle_exit_secs = {} does not apply while a board's output goes to the journal",
+                    after.as_secs()
+                ))));
+            }
+        }
     }
     // Two names for one device (a by-path link and the tty itself).
     for (i, a) in config.boards.iter().enumerate() {

@@ -49,6 +49,9 @@ struct Options {
     /// Address for the ESP-aware raw port (esptool --port socket://), e.g. 0.0.0.0:2218
     #[arg(long, global = true, value_name = "HOST:PORT")]
     raw_listen: Vec<SocketAddr>,
+    /// Address for the board's read-only console (nc HOST PORT), e.g. 0.0.0.0:2219
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    console_listen: Vec<SocketAddr>,
     /// Baud rate the port starts with for every client
     #[arg(long, global = true, value_name = "N")]
     baud: Option<u32>,
@@ -128,6 +131,7 @@ pub fn run() -> u8 {
         device: cli.options.device.clone(),
         listen: cli.options.listen.clone(),
         raw_listen: cli.options.raw_listen.clone(),
+        console_listen: cli.options.console_listen.clone(),
         baud: cli.options.baud,
         control: cli.options.control,
     };

@@ -6,7 +6,6 @@
 use crate::config::SerialConfig;
 use crate::fanout::Fanout;
 use crate::log_limit::limited;
-use crate::protocol::PortKind;
 use crate::session::{
     ClientView, ComPort, EndReason, Framing, Report, Session, SessionInfo, SharedControl, Start,
     StopRequest,
@@ -69,10 +68,7 @@ pub async fn serve(
         );
         board.status.set(Activity::Serving {
             peer: client.peer,
-            port: match client.kind {
-                PortKind::Rfc2217 => "RFC 2217",
-                PortKind::EspRaw => "ESP raw",
-            },
+            port: client.kind.label(),
             baud: settings.baud,
         });
         let mut port = ComPort::new(

@@ -158,8 +158,16 @@ fn banner(boards: &[Shown]) {
             url(PortKind::EspRaw, "socket"),
         );
         text.push_str(&format!(
-            "  virtual ESP32 {name} on {device}: {raw} (fast raw port, for flashing), {rfc} (RFC 2217, for monitors)\n"
+            "  virtual ESP32 {name} on {device}: {raw} (fast raw port, for flashing), {rfc} (RFC 2217, for monitors)"
         ));
+        if let Some((a, _)) = addrs.iter().find(|(_, k)| *k == PortKind::Console) {
+            text.push_str(&format!(
+                ", console: nc {} {} (its output, then live)",
+                a.ip(),
+                a.port()
+            ));
+        }
+        text.push('\n');
         first.get_or_insert((raw, rfc));
     }
     if let Some((raw, rfc)) = first {
@@ -265,9 +273,9 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides, control_socket: Option<&P
     demo_overrides.control = None;
     if many {
         demo_overrides.listen.clear();
-        if !demo_overrides.raw_listen.is_empty() {
+        if !demo_overrides.raw_listen.is_empty() || !demo_overrides.console_listen.is_empty() {
             return Err(Error::usage(
-                "with --boards, --listen HOST:PORT gives the first port and each board takes the next two: leave out --raw-listen",
+                "with --boards, --listen HOST:PORT gives the first port and each board takes the next two: leave out --raw-listen and --console-listen",
             ));
         }
     }

@@ -164,8 +164,8 @@ pub fn report(config: &Config, root: &Path) -> String {
     let mut next_port = config
         .boards
         .iter()
-        .flat_map(|b| b.listen.iter().chain(&b.raw_listen))
-        .map(|a| a.port())
+        .flat_map(|b| b.ports())
+        .map(|(a, _)| a.port())
         .max()
         .map_or(2217, |p| p.saturating_add(1));
     let mut next_board = config.boards.len() + 1;

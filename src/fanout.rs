@@ -86,6 +86,18 @@ impl Fanout {
     /// A new watcher: it gets what is published from now on.
     pub fn subscribe(&self) -> Subscription {
         let mut inner = self.lock();
+        Self::add_sink(&mut inner, self)
+    }
+
+    /// The kept output as stamped lines, and a new watcher that gets what is published after
+    /// it: nothing missed or told twice between the two.
+    pub fn subscribe_after_history(&self) -> (String, Subscription) {
+        let mut inner = self.lock();
+        let history = inner.history.render();
+        (history, Self::add_sink(&mut inner, self))
+    }
+
+    fn add_sink(inner: &mut Inner, fanout: &Fanout) -> Subscription {
         let id = inner.next_id;
         inner.next_id = inner.next_id.wrapping_add(1);
         inner.sinks.push(Sink {
@@ -93,7 +105,7 @@ impl Fanout {
             ..Sink::default()
         });
         Subscription {
-            fanout: self.clone(),
+            fanout: fanout.clone(),
             id,
         }
     }
@@ -208,6 +220,15 @@ mod tests {
         assert!(text.contains(" I (120) boot: Loaded app\n"), "{text}");
         assert!(text.ends_with(" tick\n"), "{text}");
         assert_eq!(take(&s, 100), Some((b"tick\r\n".to_vec(), 0)));
+        let (kept, late) = f.subscribe_after_history();
+        assert!(kept.ends_with(" tick\n"), "{kept}");
+        assert_eq!(
+            take(&late, 100),
+            None,
+            "what the history told is not told again"
+        );
+        f.publish(b"next\r\n");
+        assert_eq!(take(&late, 100), Some((b"next\r\n".to_vec(), 0)));
     }
 
     #[test]

@@ -80,25 +80,38 @@ impl History {
     }
 }
 
-/// Turns a byte stream into stamped lines; keeps a partial line until its end arrives.
+/// Turns a byte stream into lines of text, each with the time its first byte arrived; keeps
+/// a partial line until its end arrives. The text is safe to show on a terminal or to log:
+/// colour sequences (ESP-IDF's log colours) are left out, other control characters escaped.
 #[derive(Debug, Default)]
 pub struct Lines {
     partial: Vec<u8>,
     started: Option<SystemTime>,
+    text: String,
 }
 
 /// The longest line kept whole; a longer one is cut (a board printing binary data).
 const MAX_LINE: usize = 1024;
 
 impl Lines {
-    /// Appends the complete lines in `bytes` (arrived at `at`) to `out`.
+    /// Appends the complete lines in `bytes` (arrived at `at`) to `out`, stamped.
     pub fn feed(&mut self, bytes: &[u8], at: SystemTime, out: &mut String) {
+        self.feed_each(bytes, at, |at, text| stamp(out, at, text));
+    }
+
+    /// Hands each complete line in `bytes` (arrived at `at`) to `each`, with its time.
+    pub fn feed_each(
+        &mut self,
+        bytes: &[u8],
+        at: SystemTime,
+        mut each: impl FnMut(SystemTime, &str),
+    ) {
         for &b in bytes {
             if self.partial.is_empty() {
                 self.started = Some(at);
             }
             if b == b'\n' || self.partial.len() >= MAX_LINE {
-                self.emit(out);
+                self.emit(&mut each);
                 if b == b'\n' {
                     continue;
                 }
@@ -108,30 +121,45 @@ impl Lines {
         }
     }
 
-    /// Appends the partial line, if any.
+    /// Appends the partial line, if any, stamped.
     pub fn finish(&mut self, out: &mut String) {
         if !self.partial.is_empty() {
-            self.emit(out);
+            self.emit(|at, text| stamp(out, at, text));
         }
     }
 
-    fn emit(&mut self, out: &mut String) {
+    fn emit(&mut self, mut each: impl FnMut(SystemTime, &str)) {
         let at = self.started.take().unwrap_or(UNIX_EPOCH);
-        let text = String::from_utf8_lossy(&self.partial);
-        let text = text.trim_end_matches('\r');
-        out.push_str(&utc(at));
-        out.push(' ');
-        // Control characters other than tab would reach the reader's terminal: shown escaped.
-        for ch in text.chars() {
-            if ch.is_control() && ch != '\t' {
-                out.extend(ch.escape_default());
+        let raw = String::from_utf8_lossy(&self.partial);
+        self.text.clear();
+        let mut chars = raw.trim_end_matches('\r').chars().peekable();
+        while let Some(ch) = chars.next() {
+            if ch == '\u{1b}' && chars.peek() == Some(&'[') {
+                // A CSI sequence (colours): its parameters up to the final byte go with it.
+                chars.next();
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        break;
+                    }
+                }
+            } else if ch.is_control() && ch != '\t' {
+                // Would act on the reader's terminal: shown escaped.
+                self.text.extend(ch.escape_default());
             } else {
-                out.push(ch);
+                self.text.push(ch);
             }
         }
-        out.push('\n');
+        each(at, &self.text);
         self.partial.clear();
     }
+}
+
+/// `out` gets `text` as one line stamped with `at`.
+fn stamp(out: &mut String, at: SystemTime, text: &str) {
+    out.push_str(&utc(at));
+    out.push(' ');
+    out.push_str(text);
+    out.push('\n');
 }
 
 /// `2026-12-08 03:00:01.250` (UTC), as the journal prints with `-o short-iso-precise`.
@@ -215,14 +243,11 @@ mod tests {
     }
 
     #[test]
-    fn control_characters_are_escaped_and_long_lines_cut() {
+    fn colours_are_left_out_other_control_characters_escaped_and_long_lines_cut() {
         let mut out = String::new();
         let mut lines = Lines::default();
-        lines.feed(b"\x1b[0;32mI (1) ok\x1b[0m\r\n", at(0), &mut out);
-        assert_eq!(
-            out,
-            "2026-12-08 03:00:00.000 \\u{1b}[0;32mI (1) ok\\u{1b}[0m\n"
-        );
+        lines.feed(b"\x1b[0;32mI (1) ok\x1b[0m\x07\x1bc\r\n", at(0), &mut out);
+        assert_eq!(out, "2026-12-08 03:00:00.000 I (1) ok\\u{7}\\u{1b}c\n");
         out.clear();
         lines.feed(&[b'z'; 2500], at(1), &mut out);
         lines.finish(&mut out);

@@ -9,7 +9,6 @@ use crate::bridge::{Bridge, Listener};
 use crate::config::Config;
 use crate::control::Control;
 use crate::error::{Error, Result};
-use crate::protocol::PortKind;
 use crate::supervisor::{Reload, Signals, Supervisor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -99,7 +98,7 @@ pub async fn sockets(config: &Config, control_path: Option<&Path>) -> Result<Soc
             (None, [only]) => only.name.clone(),
             (None, _) => {
                 return Err(Error::config(
-                    "systemd passed a socket without a board name, but the configuration has several boards: name each socket BOARD.rfc2217 or BOARD.raw (`sudo esp-bridge apply` makes such units)",
+                    "systemd passed a socket without a board name, but the configuration has several boards: name each socket BOARD.rfc2217, BOARD.raw or BOARD.console (`sudo esp-bridge apply` makes such units)",
                 ));
             }
         };
@@ -141,12 +140,7 @@ pub async fn listeners(config: &Config) -> Result<BTreeMap<String, Vec<Listener>
     let mut out = BTreeMap::new();
     for board in &config.boards {
         let mut bound = Vec::new();
-        let wanted = board
-            .listen
-            .iter()
-            .map(|a| (a, PortKind::Rfc2217))
-            .chain(board.raw_listen.iter().map(|a| (a, PortKind::EspRaw)));
-        for (addr, kind) in wanted {
+        for (addr, kind) in board.ports() {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| listen_error(addr, &e))?;
@@ -164,10 +158,10 @@ pub async fn listeners(config: &Config) -> Result<BTreeMap<String, Vec<Listener>
 fn listen_error(addr: &std::net::SocketAddr, e: &std::io::Error) -> Error {
     match e.kind() {
         std::io::ErrorKind::PermissionDenied => Error::config(format!(
-            "cannot listen on {addr}: {e}\n  hint: ports below 1024 need privileges esp-bridge does not have: use a port from 1024 up in [network] listen / raw_listen (or --listen / --raw-listen), or let the socket unit, which may use any port, start esp-bridge"
+            "cannot listen on {addr}: {e}\n  hint: ports below 1024 need privileges esp-bridge does not have: use a port from 1024 up in [network] listen / raw_listen / console_listen (or --listen / --raw-listen / --console-listen), or let the socket unit, which may use any port, start esp-bridge"
         )),
         std::io::ErrorKind::AddrInUse => Error::failure(format!(
-            "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) uses the port: `ss -ltnp 'sport = {}'` shows it; stop it or change [network] listen / raw_listen (or --listen / --raw-listen)",
+            "cannot listen on {addr}: {e}\n  hint: another program (another esp-bridge, ser2net?) uses the port: `ss -ltnp 'sport = {}'` shows it; stop it or change [network] listen / raw_listen / console_listen (or --listen / --raw-listen / --console-listen)",
             addr.port()
         )),
         std::io::ErrorKind::AddrNotAvailable => Error::config(format!(

@@ -171,12 +171,32 @@ impl Supervisor {
         // one thread) stops the pings and systemd restarts the service.
         let mut watchdog = crate::systemd::watchdog_period().map(tokio::time::interval);
         let mut idle_since = Some(Instant::now());
+        // A board whose output goes to the journal is read from the start, client or not: the
+        // service is never idle then (a change of `journal` needs a restart, see
+        // `warn_unreloadable`).
+        let journaling = config
+            .borrow()
+            .boards
+            .iter()
+            .find(|b| b.serial.journal)
+            .map(|b| b.name.clone());
+        if let Some(board) = &journaling
+            && config.borrow().network.idle_exit.is_some()
+        {
+            tracing::info!(
+                "idle_exit_secs does not apply: board {board} sends its output to the journal, so esp-bridge keeps reading it"
+            );
+        }
         let mut reloading: Option<(JoinHandle<Option<Config>>, Instant)> = None;
         // Every second: the counts of rate-limited log lines whose window is over, and the
         // notifications a full socket held back.
         let mut housekeeping = Some(tokio::time::interval(Duration::from_secs(1)));
         loop {
-            let idle_exit = config.borrow().network.idle_exit;
+            let idle_exit = config
+                .borrow()
+                .network
+                .idle_exit
+                .filter(|_| journaling.is_none());
             let idle_deadline = idle_since
                 .zip(idle_exit)
                 .and_then(|(since, after)| since.checked_add(after));
@@ -274,8 +294,17 @@ fn warn_unreloadable(old: &Config, new: &Config) {
         match old.board(&b.name) {
             None => tracing::warn!("board {} is new: {apply}", b.name),
             Some(o) => {
-                if o.listen != b.listen || o.raw_listen != b.raw_listen {
+                if o.listen != b.listen
+                    || o.raw_listen != b.raw_listen
+                    || o.console_listen != b.console_listen
+                {
                     tracing::warn!("board {}: its ports changed: {apply}", b.name);
+                }
+                if o.serial.journal != b.serial.journal {
+                    tracing::warn!(
+                        "board {}: whether its output goes to the journal changed: {apply}",
+                        b.name
+                    );
                 }
                 if o.control != b.control {
                     tracing::warn!("board {}: its control lines changed: {apply}", b.name);

@@ -35,6 +35,7 @@ pub fn parse_fd_name(name: &str) -> Result<FdName, String> {
     let kind_of = |k: &str| match k {
         "rfc2217" => Some(PortKind::Rfc2217),
         "raw" => Some(PortKind::EspRaw),
+        "console" => Some(PortKind::Console),
         _ => None,
     };
     match name {
@@ -56,7 +57,7 @@ pub fn parse_fd_name(name: &str) -> Result<FdName, String> {
                     })
                 }
                 _ => Err(format!(
-                    "a socket passed by systemd is named \"{name}\", which esp-bridge does not know: its socket units name their sockets BOARD.rfc2217, BOARD.raw or control (FileDescriptorName=); run `sudo esp-bridge apply` to regenerate them from /etc/esp-bridge.toml"
+                    "a socket passed by systemd is named \"{name}\", which esp-bridge does not know: its socket units name their sockets BOARD.rfc2217, BOARD.raw, BOARD.console or control (FileDescriptorName=); run `sudo esp-bridge apply` to regenerate them from /etc/esp-bridge.toml"
                 )),
             }
         }
@@ -350,6 +351,10 @@ mod tests {
             );
         }
         assert_eq!(parse_fd_name("raw"), Ok(board(None, PortKind::EspRaw)));
+        assert_eq!(
+            parse_fd_name("lab1.console"),
+            Ok(board(Some("lab1"), PortKind::Console))
+        );
         for bad in ["lab1", "lab1.telnet", ".raw", "esp-bridge-raw.socket"] {
             let e = parse_fd_name(bad).unwrap_err();
             assert!(e.contains(bad) && e.contains("esp-bridge apply"), "{e}");

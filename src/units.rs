@@ -8,6 +8,10 @@
 //! the first connection). The static `esp-bridge.socket` holds the local control socket and
 //! pulls the generated units in (they are `PartOf=` it and in its `.wants`), so
 //! `systemctl enable --now esp-bridge.socket` still starts everything.
+//!
+//! A board whose output goes to the journal (`journal = true`) is read from boot, so the
+//! generator then also makes `multi-user.target` want the service itself; the other boards
+//! stay socket-activated in the same process.
 
 use crate::config::Config;
 use crate::protocol::PortKind;
@@ -18,6 +22,23 @@ use std::path::Path;
 
 /// The unit everything hangs off: the control socket (packaging/esp-bridge.socket).
 pub const ANCHOR: &str = "esp-bridge.socket";
+
+/// The service, and where the package installs it.
+const SERVICE: &str = "esp-bridge.service";
+const SERVICE_PATH: &str = "/usr/lib/systemd/system/esp-bridge.service";
+
+/// The target that wants the service when a board's output goes to the journal.
+const BOOT_TARGET: &str = "multi-user.target";
+
+/// The first board whose output goes to the journal, if any: the service then runs from
+/// boot.
+pub fn served_from_boot(config: &Config) -> Option<&str> {
+    config
+        .boards
+        .iter()
+        .find(|b| b.serial.journal)
+        .map(|b| b.name.as_str())
+}
 
 /// One generated socket unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +56,7 @@ fn kind_word(kind: PortKind) -> &'static str {
     match kind {
         PortKind::Rfc2217 => "rfc2217",
         PortKind::EspRaw => "raw",
+        PortKind::Console => "console",
     }
 }
 
@@ -59,6 +81,7 @@ fn board_units(b: &crate::config::BoardConfig) -> Vec<SocketUnit> {
     for (kind, addrs, what) in [
         (PortKind::Rfc2217, &b.listen, "RFC 2217 port (rfc2217://)"),
         (PortKind::EspRaw, &b.raw_listen, "ESP raw port (socket://)"),
+        (PortKind::Console, &b.console_listen, "read-only console"),
     ] {
         let streams: BTreeSet<String> = addrs.iter().map(listen_stream).collect();
         if streams.is_empty() {
@@ -94,8 +117,9 @@ fn board_units(b: &crate::config::BoardConfig) -> Vec<SocketUnit> {
 }
 
 /// `esp-bridge generate-units DIR [EARLY LATE]`: writes the socket units into DIR (systemd's
-/// normal generator directory) and makes the anchor want them. A configuration that cannot
-/// be read generates nothing; the reason goes to stderr, which systemd logs.
+/// normal generator directory) and makes the anchor want them, and `multi-user.target` want
+/// the service when a board's output goes to the journal. A configuration that cannot be
+/// read generates nothing; the reason goes to stderr, which systemd logs.
 pub fn generate(dir: &Path, config: Result<Config, String>) -> crate::error::Result {
     let config = match config {
         Ok(c) => c,
@@ -114,12 +138,22 @@ pub fn generate(dir: &Path, config: Result<Config, String>) -> crate::error::Res
             crate::error::Error::failure(format!("cannot write {}: {e}", path.display()))
         })?;
         let link = wants.join(&unit.name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(format!("../{}", unit.name), &link).map_err(|e| {
-            crate::error::Error::failure(format!("cannot link {}: {e}", link.display()))
+        symlink(&format!("../{}", unit.name), &link)?;
+    }
+    if served_from_boot(&config).is_some() {
+        let wants = dir.join(format!("{BOOT_TARGET}.wants"));
+        std::fs::create_dir_all(&wants).map_err(|e| {
+            crate::error::Error::failure(format!("cannot create {}: {e}", wants.display()))
         })?;
+        symlink(SERVICE_PATH, &wants.join(SERVICE))?;
     }
     Ok(())
+}
+
+fn symlink(target: &str, link: &Path) -> crate::error::Result {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link)
+        .map_err(|e| crate::error::Error::failure(format!("cannot link {}: {e}", link.display())))
 }
 
 /// `esp-bridge apply`: puts the configuration into effect under systemd. The socket units
@@ -156,6 +190,12 @@ pub fn apply(config: &Config) -> crate::error::Result {
             .filter_map(|l| l.strip_prefix("ListenStream="))
             .collect();
         println!("{}: listening on {}", unit.name, streams.join(", "));
+    }
+    if let Some(board) = served_from_boot(config) {
+        systemctl(&["start", SERVICE])?;
+        println!(
+            "{SERVICE}: running, and started at boot: board {board}'s output goes to the journal (journalctl -u esp-bridge BOARD={board})"
+        );
     }
     Ok(())
 }
@@ -247,8 +287,32 @@ mod tests {
                 Path::new("..").join(&unit.name)
             );
         }
+        assert!(
+            !dir.join("multi-user.target.wants").exists(),
+            "socket-activated only"
+        );
         // Run again (every daemon-reload): the same result, no error.
         generate(&dir, Ok(Config::default())).unwrap();
+        // A board whose output goes to the journal: the service is wanted at boot too.
+        let mut journal = Config::default();
+        journal.boards[0].serial.journal = true;
+        journal.boards[0].console_listen = vec!["0.0.0.0:2219".parse().unwrap()];
+        generate(&dir, Ok(journal.clone())).unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("multi-user.target.wants/esp-bridge.service")).unwrap(),
+            Path::new("/usr/lib/systemd/system/esp-bridge.service")
+        );
+        let console = dir.join("esp-bridge-default-console.socket");
+        let text = std::fs::read_to_string(&console).unwrap();
+        assert!(text.contains("\nListenStream=2219\n"), "{text}");
+        assert!(
+            text.contains("\nFileDescriptorName=default.console\n"),
+            "{text}"
+        );
+        assert!(
+            dir.join("esp-bridge.socket.wants/esp-bridge-default-console.socket")
+                .exists()
+        );
         // A broken configuration generates nothing and is not a generator failure.
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();

@@ -41,6 +41,9 @@ pub struct SerialConfig {
     pub flash_baud: FlashBaud,
     /// How much of the board's recent output is kept for `esp-bridge log` (KiB; 0: none).
     pub history_kib: HistoryKib,
+    /// The board's output also goes to the journal, line by line; its device is then read
+    /// from the service's start, whether or not a client is connected.
+    pub journal: bool,
 }
 
 /// 921600 by default: the rate esptool's own users pick for flashing (Arduino's default),
@@ -59,6 +62,7 @@ impl Default for SerialConfig {
             flow_control: FlowControl::None,
             flash_baud: FlashBaud(DEFAULT_FLASH_BAUD),
             history_kib: HistoryKib(64),
+            journal: false,
         }
     }
 }
@@ -84,6 +88,8 @@ pub struct NetworkConfig {
     pub listen: Vec<SocketAddr>,
     /// Addresses bound for the ESP-aware raw port (`esptool --port socket://`), likewise.
     pub raw_listen: Vec<SocketAddr>,
+    /// Addresses bound for the read-only console (`nc pi 2219`), likewise; none by default.
+    pub console_listen: Vec<SocketAddr>,
     pub second_client: SecondClient,
     /// A writer whose client has sent nothing for this long may be replaced by a client that
     /// wants to write.
@@ -104,6 +110,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 2217))],
             raw_listen: vec![SocketAddr::from(([0, 0, 0, 0], 2218))],
+            console_listen: Vec::new(),
             second_client: SecondClient::Refuse,
             takeover_idle_secs: TakeoverIdleSecs(30),
             claim_wait_secs: ClaimWaitSecs(10),
@@ -223,6 +230,9 @@ pub struct BoardTable {
     /// Addresses for the ESP-aware raw port.
     #[serde(default)]
     pub raw_listen: Vec<SocketAddr>,
+    /// Addresses for the read-only console.
+    #[serde(default)]
+    pub console_listen: Vec<SocketAddr>,
     #[serde(default, skip_serializing_if = "SerialOverrides::is_empty")]
     pub serial: SerialOverrides,
     #[serde(default, skip_serializing_if = "ControlOverrides::is_empty")]
@@ -247,6 +257,8 @@ pub struct SerialOverrides {
     pub flash_baud: Option<FlashBaud>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history_kib: Option<HistoryKib>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<bool>,
 }
 
 impl SerialOverrides {
@@ -272,6 +284,7 @@ impl SerialOverrides {
                 .history_kib
                 .clone()
                 .unwrap_or_else(|| base.history_kib.clone()),
+            journal: self.journal.unwrap_or(base.journal),
         }
     }
 }
@@ -338,10 +351,11 @@ impl ControlOverrides {
 }
 
 /// Keys a file with `[[board]]` tables must not set outside them: each board has its own.
-const PER_BOARD_KEYS: [(&str, &str); 3] = [
+const PER_BOARD_KEYS: [(&str, &str); 4] = [
     ("serial", "device"),
     ("network", "listen"),
     ("network", "raw_listen"),
+    ("network", "console_listen"),
 ];
 
 impl FileConfig {
@@ -357,16 +371,20 @@ impl FileConfig {
                     serial: self.serial,
                     listen: self.network.listen,
                     raw_listen: self.network.raw_listen,
+                    console_listen: self.network.console_listen,
                     control: self.control,
                 }],
             });
         }
         for (section, key) in PER_BOARD_KEYS {
-            if table
+            // An empty list of addresses gives the boards nothing (the shipped file's
+            // `console_listen = []` may stay when its boards move into tables).
+            let set = table
                 .get(section)
                 .and_then(|t| t.as_table())
-                .is_some_and(|t| t.contains_key(key))
-            {
+                .and_then(|t| t.get(key))
+                .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()));
+            if set {
                 return Err(format!(
                     "[{section}] {key} is set, but with [[board]] tables every board has its own: move it into the boards (or remove it)"
                 ));
@@ -380,6 +398,7 @@ impl FileConfig {
                 serial: b.serial.over(&self.serial, b.device),
                 listen: b.listen,
                 raw_listen: b.raw_listen,
+                console_listen: b.console_listen,
                 control: b.control.over(&self.control),
             })
             .collect();
@@ -414,9 +433,12 @@ impl Config {
     /// layout for one board named "default", `[[board]]` tables otherwise.
     fn to_file(&self) -> FileConfig {
         let net = &self.network;
-        let network = |listen: Vec<SocketAddr>, raw_listen: Vec<SocketAddr>| NetworkConfig {
+        let network = |listen: Vec<SocketAddr>,
+                       raw_listen: Vec<SocketAddr>,
+                       console_listen: Vec<SocketAddr>| NetworkConfig {
             listen,
             raw_listen,
+            console_listen,
             second_client: net.second_client,
             takeover_idle_secs: TakeoverIdleSecs(net.takeover_idle.as_secs()),
             claim_wait_secs: ClaimWaitSecs(net.claim_wait.as_secs()),
@@ -428,7 +450,11 @@ impl Config {
         {
             return FileConfig {
                 serial: only.serial.clone(),
-                network: network(only.listen.clone(), only.raw_listen.clone()),
+                network: network(
+                    only.listen.clone(),
+                    only.raw_listen.clone(),
+                    only.console_listen.clone(),
+                ),
                 control: only.control.clone(),
                 board: Vec::new(),
             };
@@ -436,7 +462,7 @@ impl Config {
         let base = FileConfig::default();
         FileConfig {
             serial: base.serial.clone(),
-            network: network(Vec::new(), Vec::new()),
+            network: network(Vec::new(), Vec::new(), Vec::new()),
             control: base.control.clone(),
             board: self
                 .boards
@@ -446,6 +472,7 @@ impl Config {
                     device: b.serial.device.clone(),
                     listen: b.listen.clone(),
                     raw_listen: b.raw_listen.clone(),
+                    console_listen: b.console_listen.clone(),
                     serial: SerialOverrides {
                         baud: Some(b.serial.baud.clone()),
                         data_bits: Some(b.serial.data_bits.clone()),
@@ -454,6 +481,7 @@ impl Config {
                         flow_control: Some(b.serial.flow_control),
                         flash_baud: Some(b.serial.flash_baud.clone()),
                         history_kib: Some(b.serial.history_kib.clone()),
+                        journal: Some(b.serial.journal),
                     },
                     control: ControlOverrides {
                         backend: Some(b.control.backend),

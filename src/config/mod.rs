@@ -12,6 +12,7 @@ pub use file::{
 };
 pub use values::*;
 
+use crate::protocol::PortKind;
 pub use crate::settings::{FlowControl, Parity, StopBits};
 use std::fmt;
 use std::net::SocketAddr;
@@ -88,6 +89,7 @@ pub struct Overrides {
     pub device: Option<PathBuf>,
     pub listen: Vec<SocketAddr>,
     pub raw_listen: Vec<SocketAddr>,
+    pub console_listen: Vec<SocketAddr>,
     pub baud: Option<u32>,
     pub control: Option<ControlBackend>,
 }
@@ -214,7 +216,20 @@ pub struct BoardConfig {
     pub serial: SerialConfig,
     pub listen: Vec<SocketAddr>,
     pub raw_listen: Vec<SocketAddr>,
+    /// The read-only console's addresses (none: no console port).
+    pub console_listen: Vec<SocketAddr>,
     pub control: ControlConfig,
+}
+
+impl BoardConfig {
+    /// Every address the board listens on, with what it serves there.
+    pub fn ports(&self) -> impl Iterator<Item = (&SocketAddr, PortKind)> {
+        self.listen
+            .iter()
+            .map(|a| (a, PortKind::Rfc2217))
+            .chain(self.raw_listen.iter().map(|a| (a, PortKind::EspRaw)))
+            .chain(self.console_listen.iter().map(|a| (a, PortKind::Console)))
+    }
 }
 
 /// The name the single board of a file without `[[board]]` tables goes by.
@@ -244,7 +259,7 @@ pub(crate) fn check_boards(boards: &[BoardConfig]) -> Result<(), String> {
                 a.name
             ));
         }
-        let own: Vec<&SocketAddr> = a.listen.iter().chain(&a.raw_listen).collect();
+        let own: Vec<&SocketAddr> = a.ports().map(|(x, _)| x).collect();
         for (j, x) in own.iter().enumerate() {
             if own[..j].iter().any(|y| overlap(x, y)) {
                 return Err(format!(
@@ -269,7 +284,7 @@ pub(crate) fn check_boards(boards: &[BoardConfig]) -> Result<(), String> {
                     a.serial.device.display()
                 ));
             }
-            let theirs: Vec<&SocketAddr> = b.listen.iter().chain(&b.raw_listen).collect();
+            let theirs: Vec<&SocketAddr> = b.ports().map(|(x, _)| x).collect();
             if let Some(x) = own.iter().find(|x| theirs.iter().any(|y| overlap(x, y))) {
                 return Err(format!(
                     "boards {} and {} both use port {}: give each board ports of its own",
@@ -408,6 +423,7 @@ impl Config {
             ("--device", o.device.is_some()),
             ("--listen", !o.listen.is_empty()),
             ("--raw-listen", !o.raw_listen.is_empty()),
+            ("--console-listen", !o.console_listen.is_empty()),
             ("--control", o.control.is_some()),
         ];
         let board = match self.boards.as_mut_slice() {
@@ -430,6 +446,9 @@ impl Config {
         }
         if !o.raw_listen.is_empty() {
             board.raw_listen = o.raw_listen.clone();
+        }
+        if !o.console_listen.is_empty() {
+            board.console_listen = o.console_listen.clone();
         }
         if let Some(control) = o.control {
             board.control.backend = control;
@@ -498,6 +517,26 @@ mod tests {
             c.boards[1].control.gpio.reset,
             LineSpec::Name("GPIO17".into())
         );
+        assert!(c.boards[1].serial.journal && !c.boards[0].serial.journal);
+        assert_eq!(c.boards[1].console_listen[0].port(), 2230);
+    }
+
+    /// README's complete example is a valid configuration that means what its text says.
+    #[test]
+    fn the_readme_three_board_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n# /etc/esp-bridge.toml\n")
+            .expect("the example is there")
+            + "```toml\n".len();
+        let len = readme[start..].find("```").expect("the block ends");
+        let c = Config::parse(&readme[start..start + len], Path::new("README.md")).expect("valid");
+        let names: Vec<&str> = c.boards.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["lab1", "lab2", "devkit"]);
+        let lab2 = &c.boards[1];
+        assert!(lab2.serial.journal && !c.boards[0].serial.journal);
+        assert_eq!(lab2.console_listen[0].port(), 2230);
+        assert_eq!(c.boards[2].control.backend, ControlBackend::Modem);
     }
 
     /// The shipped file says "a missing key takes the default shown here": every key of the
@@ -636,11 +675,13 @@ mod tests {
             device: Some("/dev/ttyUSB1".into()),
             listen: vec!["127.0.0.1:4000".parse().unwrap()],
             raw_listen: vec!["127.0.0.1:4001".parse().unwrap()],
+            console_listen: vec!["127.0.0.1:4002".parse().unwrap()],
             baud: Some(921_600),
             control: Some(ControlBackend::None),
         })
         .unwrap();
         assert_eq!(c.boards[0].serial.device, PathBuf::from("/dev/ttyUSB1"));
+        assert_eq!(c.boards[0].console_listen[0].port(), 4002);
         assert_eq!(c.boards[0].listen.len(), 1);
         assert_eq!(c.boards[0].serial.baud.0, 921_600);
         let bad = c.apply(&Overrides {
@@ -763,6 +804,17 @@ boot = "GPIO6"
             e.contains("[serial] device is set") && e.contains("every board has its own"),
             "{e}"
         );
+        let e = err(
+            "[network]\nconsole_listen = [\"0.0.0.0:2\"]\n[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\n",
+        );
+        assert!(e.contains("[network] console_listen is set"), "{e}");
+        // An empty list gives the boards nothing: it may stay.
+        let c = Config::parse(
+            "[network]\nconsole_listen = []\n[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\n",
+            Path::new("x"),
+        )
+        .expect("valid");
+        assert!(c.boards[0].console_listen.is_empty());
         let e = err(
             "[[board]]\nname = \"a\"\ndevice = \"/dev/ttyUSB0\"\nlisten = [\"0.0.0.0:1\"]\nraw_listen = [\"127.0.0.1:1\"]\n",
         );

@@ -21,14 +21,25 @@ pub enum PortKind {
     Rfc2217,
     /// The ESP-aware raw port (`socket://`).
     EspRaw,
+    /// The read-only console: the board's kept output as stamped lines, then its live
+    /// output; nothing the client sends is read as a protocol.
+    Console,
+}
+
+impl PortKind {
+    /// What the port is called in the log and the status.
+    pub fn label(self) -> &'static str {
+        match self {
+            PortKind::Rfc2217 => "RFC 2217",
+            PortKind::EspRaw => "ESP raw",
+            PortKind::Console => "console",
+        }
+    }
 }
 
 impl std::fmt::Display for PortKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PortKind::Rfc2217 => "RFC 2217",
-            PortKind::EspRaw => "ESP raw",
-        })
+        f.write_str(self.label())
     }
 }
 

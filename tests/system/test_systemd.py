@@ -189,15 +189,17 @@ def test_unit_security_exposure_at_most_1_5():
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd missing")
 def test_passed_sockets_are_told_apart_by_name_not_by_port(tmp_path):
-    """The generated socket units name their sockets BOARD.rfc2217 / BOARD.raw and the control
-    socket `control`; which protocol a socket speaks never depends on a config key. Here the
-    configuration says nothing of these ports (its raw_listen is another port altogether)."""
+    """The generated socket units name their sockets BOARD.rfc2217 / BOARD.raw /
+    BOARD.console and the control socket `control`; which protocol a socket speaks never
+    depends on a config key. Here the configuration says nothing of these ports (its
+    raw_listen is another port altogether, and it has no console_listen)."""
     sim, link = start_sim(tmp_path)
-    rfc, raw = free_port(), free_port()
+    rfc, raw, console = free_port(), free_port(), free_port()
     control = tmp_path / "control.sock"
     bridge = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{rfc}", "-l", f"127.0.0.1:{raw}",
-         "-l", str(control), "--fdname=default.rfc2217:default.raw:control",
+         "-l", f"127.0.0.1:{console}", "-l", str(control),
+         "--fdname=default.rfc2217:default.raw:default.console:control",
          str(BIN), "--device", str(link), "--control", "none",
          "--raw-listen", f"127.0.0.1:{free_port()}"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -217,6 +219,16 @@ def test_passed_sockets_are_told_apart_by_name_not_by_port(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr + log.text()
         assert f"listening on 127.0.0.1:{raw} for ESP raw clients" in log.text()
         assert f"listening on 127.0.0.1:{rfc} for RFC 2217 clients" in log.text()
+        # The console socket serves the board's console.
+        with socket.create_connection(("127.0.0.1", console), timeout=10) as c:
+            c.settimeout(10)
+            got = b""
+            while b"\n" not in got:
+                chunk = c.recv(4096)
+                assert chunk, got
+                got += chunk
+        assert got.startswith(b"[esp-bridge] board default ("), got
+        assert f"listening on 127.0.0.1:{console} for console clients" in log.text()
         # With [control] backend none the chip cannot be reset: said once, clearly.
         assert "cannot reset the chip" in log.text()
     finally:

@@ -8,16 +8,24 @@ GPIO22, IO0 GPIO10, ports 2217/2218) and lab2 on /dev/ttyS3 (EN GPIO23, IO0 GPIO
 apply`, `esp-bridge status` and the generated sockets of both, both boards flashed through
 their forwarded ports (raw and RFC 2217), each put into its bootloader by its own lines only;
 lab2's EN remapped in the TOML and put into effect with `esp-bridge apply` while the service
-runs, and lab2 flashed through the new line; an upgrade that keeps the edited config and
+runs, and lab2 flashed through the new line; lab1's output in the journal (`journal = true`:
+the service then runs without a client and from boot) and on its console port (2230): the
+boot log its chip prints when it is powered up again with no client connected, found with
+`journalctl -u esp-bridge BOARD=lab1` and replayed with timestamps by the console; an upgrade that keeps the edited config and
 listens again on both boards' ports, and apt purge restoring the boot files byte for byte and
 leaving no unit, generated or not, and no listener."""
 
+import datetime
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -132,12 +140,16 @@ say "two boards: the first one's device and ports into a [[board]] of its own, l
 sed -i -e '/^device = /d' -e '/^listen = /d' -e '/^raw_listen = /d' /etc/esp-bridge.toml
 cat >> /etc/esp-bridge.toml << 'TOML'
 
-# lab1: the first board, EN and IO0 on [control.gpio]'s GPIO22 and GPIO10.
+# lab1: the first board, EN and IO0 on [control.gpio]'s GPIO22 and GPIO10; its output in the
+# journal, and on a console port.
 [[board]]
 name = "lab1"
 device = "/dev/ttyS1"
 listen = ["0.0.0.0:2217"]
 raw_listen = ["0.0.0.0:2218"]
+console_listen = ["0.0.0.0:2230"]
+[board.serial]
+journal = true
 
 # lab2: the VM's second UART, its own EN and IO0.
 [[board]]
@@ -157,13 +169,22 @@ for b in lab1 lab2; do
         systemctl is-active esp-bridge-$b-$k.socket || fail "esp-bridge-$b-$k.socket is not active"
     done
 done
-for port in 2217 2218 2219 2220; do listens $port || fail "nothing listens on $port"; done
+for port in 2217 2218 2219 2220 2230; do listens $port || fail "nothing listens on $port"; done
+systemctl is-active esp-bridge-lab1-console.socket || fail "esp-bridge-lab1-console.socket is not active"
+# lab1's output goes to the journal: the service runs with no client, and from boot.
+systemctl is-active esp-bridge.service || fail "the service does not run after apply although lab1 sends its output to the journal"
+[ -L /run/systemd/generator/multi-user.target.wants/esp-bridge.service ] || fail "the generator did not make multi-user.target want the service"
+systemctl show -p WantedBy --value esp-bridge.service | tee $H/wanted-by.txt | grep -qw multi-user.target ||
+    fail "systemd does not start the service at boot: WantedBy=$(cat $H/wanted-by.txt)"
 for k in rfc2217 raw; do
     [ -e /run/systemd/generator/esp-bridge-default-$k.socket ] && fail "esp-bridge-default-$k.socket still generated"
     systemctl is-active esp-bridge-default-$k.socket && fail "esp-bridge-default-$k.socket still active"
 done
 touch $H/ready-2
 wait_host phase-2-done
+# lab1's chip was powered up again by the host while no client was connected.
+journalctl -u esp-bridge BOARD=lab1 -o json --no-pager > $H/lab1-journal.json
+journalctl -u esp-bridge BOARD=lab1 --no-pager | grep -F 'App image MD5' | tail -3
 
 say "remap lab2's EN from GPIO23 to GPIO27: edit its table, esp-bridge apply (the service runs)"
 systemctl is-active esp-bridge.service || note "the service does not run before the remap"
@@ -182,7 +203,7 @@ dpkg-query -W -f='${Version}\n' esp-bridge | tee $H/version-after-upgrade
 grep -q '^reset = "GPIO27"' /etc/esp-bridge.toml || fail "the upgrade lost the edited config"
 grep -q '^name = "lab2"' /etc/esp-bridge.toml || fail "the upgrade lost the [[board]] tables"
 systemctl is-active esp-bridge.socket || fail "the socket is not active after the upgrade"
-for port in 2217 2218 2219 2220; do listens $port || fail "not listening on $port after the upgrade"; done
+for port in 2217 2218 2219 2220 2230; do listens $port || fail "not listening on $port after the upgrade"; done
 esp-bridge status | tee $H/status-after-upgrade.txt
 
 say "apt purge"
@@ -193,13 +214,16 @@ for f in /usr/bin/esp-bridge /etc/esp-bridge.toml /var/lib/esp-bridge \
          /usr/lib/systemd/system/esp-bridge.socket /usr/lib/systemd/system/esp-bridge.service \
          /usr/lib/systemd/system-generators/esp-bridge-generator \
          /run/systemd/generator/esp-bridge-{default,lab1,lab2}-{rfc2217,raw}.socket \
+         /run/systemd/generator/esp-bridge-lab1-console.socket \
          /run/systemd/generator/esp-bridge.socket.wants \
+         /run/systemd/generator/multi-user.target.wants/esp-bridge.service \
          /etc/systemd/system/sockets.target.wants/esp-bridge.socket; do
     [ -e "$f" ] && fail "$f left behind after purge"
 done
 systemctl list-unit-files --no-legend | grep esp-bridge && fail "unit files still known after purge"
 systemctl list-units --all --plain --no-legend 'esp-bridge*' | grep . && fail "units still loaded after purge"
-for port in 2217 2218 2219 2220; do listens $port && fail "still listening on $port after purge"; done
+for port in 2217 2218 2219 2220 2230; do listens $port && fail "still listening on $port after purge"; done
+systemctl is-active esp-bridge.service && fail "the service still runs after purge"
 ss -Hlx | grep -F /run/esp-bridge/ && fail "the control socket still listens after purge"
 getent passwd esp-bridge && fail "a user esp-bridge was left"
 touch /run/strap-watcher-stop
@@ -256,6 +280,35 @@ def strap_changes(log):
     return out
 
 
+def app_md5(flash):
+    """What the virtual chip prints at boot for its flash (the file it keeps): the MD5 of the
+    64 KiB at 0x10000 (lab1's image there, and what an earlier, longer image left after it)."""
+    return hashlib.md5(flash.read_bytes()[ADDRESS:ADDRESS + 64 * 1024]).hexdigest()[:16].encode()
+
+
+def console_replay(port, needle, context, timeout=60):
+    """What a board's console port sends, from its first line, until a line with `needle` has
+    come (connecting again while the forwarded port is not through yet)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.settimeout(5)
+                while time.monotonic() < deadline:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                    if needle in got and b"\n" in got[got.index(needle):]:
+                        return got
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the console never showed {needle!r}: {got[-3000:]!r}{context()}", pytrace=False)
+
+
 def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     esptool_cmd(5)
     debs = sorted((ROOT / "target" / "debian").glob("esp-bridge_*_amd64.deb"))
@@ -268,7 +321,7 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     upstream, _, revision = version.rpartition("-")
     deb2 = tmp_path / "esp-bridge-2.deb"
     repack_with_version(deb1, f"{upstream}-{int(revision) + 1}", deb2)
-    v = boot(GUEST_SCRIPT, forwards=[2217, 2218, 2219, 2220],
+    v = boot(GUEST_SCRIPT, forwards=[2217, 2218, 2219, 2220, 2230],
              files=[deb1, deb2, FIXTURE / "config.txt", FIXTURE / "cmdline.txt"],
              ttyS2=True, ttyS3=True, ttyS4=True, timeout=1800)
     # The first board's chip (default, then lab1) and lab2's, each with its UART and relay.
@@ -310,6 +363,14 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
         lab1_seen, lab2_seen = len(sim_events(events1)), sim_events(events2)
         write_flash(lab2_rfc, "lab2", "lab2: write over RFC 2217")
         verify_flash(lab2_raw, "lab2", "lab2: verify over raw")
+        # lab1's chip powered off and on (its flash kept) with no client connected: the boot
+        # log it prints then goes to the journal, and its console replays it.
+        stop(sim)
+        lab1_digest = app_md5(flash1)
+        powered = time.time()
+        sim, sim_log = start_sim(v, "--boot", "app", "--event-log", str(events1), "--flash-file", str(flash1))
+        context = failure_context(v, sim_log, ("lab2", sim2_log, "straps-lab2.log"))
+        lab1_console = console_replay(v.host_port(2230), b"App image MD5:    " + lab1_digest, context)
         v.signal("phase-2-done")
 
         wait_for_guest(v, "ready-3", 300, context)
@@ -340,8 +401,28 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     applied = v.read("apply-two-boards.txt", "")
     for unit in ("default-rfc2217", "default-raw"):
         assert f"stopping esp-bridge-{unit}.socket: no longer in the configuration" in applied, applied
-    for unit, port in (("lab1-rfc2217", 2217), ("lab1-raw", 2218), ("lab2-rfc2217", 2219), ("lab2-raw", 2220)):
+    for unit, port in (("lab1-rfc2217", 2217), ("lab1-raw", 2218), ("lab1-console", 2230),
+                       ("lab2-rfc2217", 2219), ("lab2-raw", 2220)):
         assert f"esp-bridge-{unit}.socket: listening on {port}" in applied, applied
+    assert "esp-bridge.service: running, and started at boot: board lab1's output goes to the journal" in applied, applied
+
+    # lab1's boot log, printed when its chip was powered up again with nobody connected: in
+    # the journal with the board's name, and replayed by its console with the time it came.
+    digest = lab1_digest.decode()
+    lab1_journal = [json.loads(line) for line in v.read("lab1-journal.json", "").splitlines() if line.strip()]
+    boot_entries = [j for j in lab1_journal if f"App image MD5:    {digest}" in str(j.get("MESSAGE", ""))]
+    assert boot_entries, f"no boot log of lab1 in `journalctl BOARD=lab1`: {[j.get('MESSAGE') for j in lab1_journal][-20:]}"
+    assert all(j.get("BOARD") == "lab1" and j.get("SERIAL_OUTPUT") == "true" for j in boot_entries), boot_entries
+    assert any("rst:0x1 (POWERON_RESET)" in str(j.get("MESSAGE", "")) for j in lab1_journal), "the ROM's first line"
+    assert not any(j.get("BOARD") == "lab2" for j in lab1_journal), "BOARD= tells the boards apart"
+    stamp = rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) "
+    assert lab1_console.startswith(b"[esp-bridge] board lab1 (/dev/ttyS1): "), lab1_console[:200]
+    m = re.search(stamp + rb"I \(156\) app_init: App image MD5:    " + digest.encode(), lab1_console)
+    assert m, lab1_console[-3000:]
+    # The guest's clock is the host's (qemu's RTC, NTP-free): within a few seconds.
+    at = datetime.datetime.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S.%f").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    assert powered - 30 < at < powered + 60, (powered, m.group(1))
 
     # Each chip holds what was written through its own board's ports.
     assert flash1.read_bytes()[ADDRESS:ADDRESS + 32 * 1024] == images["lab1"].read_bytes(), "lab1's flash"
