@@ -83,6 +83,18 @@ enum Command {
     /// List the serial devices of this machine with their stable names, which board uses
     /// each, and a ready [[board]] table for the others
     Devices,
+    /// Print a labgrid exporter configuration for the boards: one resource group per board
+    /// with its RFC 2217 and raw ports as NetworkSerialPort resources, and the commands that
+    /// make a labgrid place for each
+    Labgrid {
+        /// The host name clients connect to (default: this machine's name with .local)
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        /// The exporter's name, the first part of every resource's (default: this machine's
+        /// host name)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Put an edited /etc/esp-bridge.toml into effect under systemd: regenerate the boards'
     /// socket units, restart the sockets and the service (as root)
     Apply,
@@ -157,7 +169,21 @@ pub fn run() -> u8 {
         Command::CheckConfig => load(&cli.options, &overrides)
             .and_then(|(config, source)| crate::check::check_config(&config, &source)),
         Command::Demo(args) => {
-            crate::demo::run_demo(args, &overrides, cli.options.control_socket.as_deref())
+            // Only a file named with --config: the demo does not read /etc/esp-bridge.toml.
+            let file = cli
+                .options
+                .config
+                .as_deref()
+                .map(|path| Config::load(Some(path), &Overrides::default()).map(|(c, _)| c))
+                .transpose();
+            file.map_err(Error::from).and_then(|file| {
+                crate::demo::run_demo(
+                    args,
+                    &overrides,
+                    cli.options.control_socket.as_deref(),
+                    file,
+                )
+            })
         }
         Command::Sim(args) => esp_sim::run_cli(args).map_err(Error::failure),
         Command::Status => crate::admin::status(
@@ -180,6 +206,16 @@ pub fn run() -> u8 {
                 crate::devices::report(&config, std::path::Path::new("/"))
             );
         }),
+        Command::Labgrid { host, name } => {
+            load(&cli.options, &overrides).and_then(|(config, source)| {
+                let exported = crate::labgrid::Exported::new(name, host)?;
+                print!(
+                    "{}",
+                    crate::labgrid::exporter_config(&config, &source.to_string(), &exported)
+                );
+                Ok(())
+            })
+        }
         Command::Apply => {
             load(&cli.options, &overrides).and_then(|(config, _)| crate::units::apply(&config))
         }
@@ -221,6 +257,7 @@ impl Command {
                 | Command::Status
                 | Command::Log { .. }
                 | Command::Devices
+                | Command::Labgrid { .. }
                 | Command::UartName { .. }
         )
     }

@@ -196,8 +196,22 @@ fn per_board(path: &Option<PathBuf>, name: &str, many: bool) -> Option<PathBuf> 
     Some(path.with_file_name(file))
 }
 
-pub fn run_demo(args: DemoArgs, overrides: &Overrides, control_socket: Option<&Path>) -> Result {
-    let count = usize::from(args.boards);
+/// `file`: the boards of a configuration file (`--config`), each served with a virtual chip
+/// on its own ports, instead of `--boards` numbered ones.
+pub fn run_demo(
+    args: DemoArgs,
+    overrides: &Overrides,
+    control_socket: Option<&Path>,
+    file: Option<Config>,
+) -> Result {
+    if file.is_some() && args.boards > 1 {
+        return Err(Error::usage(
+            "--boards and --config both say which boards to serve: give one of them",
+        ));
+    }
+    let count = file
+        .as_ref()
+        .map_or(usize::from(args.boards), |c| c.boards.len());
     let many = count > 1;
     // With several boards, --listen gives the first port and the host; each board takes the
     // next pair.
@@ -205,21 +219,32 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides, control_socket: Option<&P
         Some(a) if many => (a.ip(), a.port()),
         _ => (std::net::IpAddr::from(DEMO_HOST), DEMO_PORT),
     };
-    let mut config = Config::default();
+    let (mut config, from_file) = match file {
+        Some(mut c) => {
+            let boards = std::mem::take(&mut c.boards);
+            (c, boards)
+        }
+        None => {
+            let mut c = Config::default();
+            c.boards.clear();
+            (c, Vec::new())
+        }
+    };
     if let Some(secs) = args.takeover_idle_secs {
         config.network.takeover_idle = Duration::from_secs(secs);
     }
     if let Some(secs) = args.claim_wait_secs {
         config.network.claim_wait = Duration::from_secs(secs);
     }
-    let template = config.boards.remove(0);
+    let template = Config::default().boards.remove(0);
     let mut sims = Vec::new();
     let mut drivers = Vec::new();
     for i in 0..count {
-        let name = if many {
-            format!("esp{}", i + 1)
-        } else {
-            template.name.clone()
+        let given = from_file.get(i);
+        let name = match given {
+            Some(b) => b.name.clone(),
+            None if many => format!("esp{}", i + 1),
+            None => template.name.clone(),
         };
         let sim = Esp32Sim::start(SimConfig {
             pace: args.pace,
@@ -240,13 +265,21 @@ pub fn run_demo(args: DemoArgs, overrides: &Overrides, control_socket: Option<&P
                     ))
                 })
         };
-        let mut board = template.clone();
-        board.name = name;
-        board.serial.flash_baud = crate::config::FlashBaud::try_from(i64::from(args.flash_baud))
-            .map_err(|e| Error::usage(format!("--flash-baud: {e}")))?;
+        let mut board = match given {
+            // The file's board: its ports and settings, on a virtual chip.
+            Some(b) => b.clone(),
+            None => {
+                let mut board = template.clone();
+                board.name = name;
+                board.serial.flash_baud =
+                    crate::config::FlashBaud::try_from(i64::from(args.flash_baud))
+                        .map_err(|e| Error::usage(format!("--flash-baud: {e}")))?;
+                board.listen = vec![SocketAddr::from((host, port(0)?))];
+                board.raw_listen = vec![SocketAddr::from((host, port(1)?))];
+                board
+            }
+        };
         board.serial.device = sim.device_path().to_path_buf();
-        board.listen = vec![SocketAddr::from((host, port(0)?))];
-        board.raw_listen = vec![SocketAddr::from((host, port(1)?))];
         board.control.backend = match args.wiring {
             Wiring::Gpio => ControlBackend::Gpio,
             Wiring::Modem => ControlBackend::Modem,

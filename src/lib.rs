@@ -31,6 +31,7 @@ mod error;
 mod fanout;
 mod history;
 mod journal_output;
+mod labgrid;
 mod log_limit;
 mod pi_uarts;
 pub mod protocol;
