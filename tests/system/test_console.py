@@ -40,14 +40,14 @@ def press_reset(control):
             time.sleep(0.1)
 
 
-def journal_bridge(tmp_path, link, journal=True):
+def journal_bridge(tmp_path, link, journal=True, network=""):
     """esp-bridge serving the board on `link` with its console port, its output to the log."""
     port, raw_port, console_port = free_port(), free_port(), free_port()
     cfg = tmp_path / "bridge.toml"
     cfg.write_text(
         f'[serial]\ndevice = "{link}"\njournal = {"true" if journal else "false"}\n'
         f'[network]\nlisten = ["127.0.0.1:{port}"]\nraw_listen = ["127.0.0.1:{raw_port}"]\n'
-        f'console_listen = ["127.0.0.1:{console_port}"]\n[control]\nbackend = "none"\n')
+        f'console_listen = ["127.0.0.1:{console_port}"]\n{network}[control]\nbackend = "none"\n')
     control = tmp_path / "control.sock"
     bridge = Bridge(["--config", str(cfg), "--control-socket", str(control)], port)
     bridge.raw_port, bridge.console_port, bridge.control = raw_port, console_port, control
@@ -156,6 +156,38 @@ def test_a_missing_device_is_tried_again_and_its_output_logged_when_it_comes(tmp
         if sim:
             sim.terminate()
             sim.wait(10)
+
+
+def test_a_board_read_for_the_journal_keeps_the_service_from_its_idle_exit(tmp_path):
+    """idle_exit_secs would stop a service with no client; a board whose output goes to the
+    journal is read all the time, so the service stays (and says why), and check-config says
+    so too."""
+    link, pins = tmp_path / "ttyESP", tmp_path / "pins.sock"
+    sim = start_sim(link, pins)
+    bridge = journal_bridge(tmp_path, link, network="idle_exit_secs = 1\n")
+    try:
+        bridge.log.wait_for("idle_exit_secs does not apply: board default sends its output", timeout=5)
+        time.sleep(3)
+        assert bridge.proc.poll() is None, "the service exited"
+        assert "hello from the virtual ESP32" in bridge.log.text()
+        check = subprocess.run([str(BIN), "check-config", "--config", str(tmp_path / "bridge.toml")],
+                               capture_output=True, text=True, timeout=20)
+        assert "idle_exit_secs = 1 does not apply while a board's output goes to the journal" in check.stdout + check.stderr
+        assert "output to the journal, line by line (journalctl -u esp-bridge BOARD=default)" in check.stdout + check.stderr
+    finally:
+        bridge.stop()
+        sim.terminate()
+        sim.wait(10)
+    # Without journal, the same file lets it exit.
+    sim = start_sim(link, pins)
+    bridge = journal_bridge(tmp_path, link, journal=False, network="idle_exit_secs = 1\n")
+    try:
+        bridge.proc.wait(10)
+        assert "no client for 1 s (idle_exit_secs): exiting" in bridge.log.text()
+    finally:
+        bridge.stop()
+        sim.terminate()
+        sim.wait(10)
 
 
 def test_a_console_connected_while_esptool_flashes_shows_the_new_boot_log(demo, tmp_path):
