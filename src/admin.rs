@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::fanout::Fanout;
+use crate::identify::Identity;
 use crate::log_limit::limited;
 use crate::shutdown::stopping;
 use crate::status::StatusBook;
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -77,9 +79,15 @@ pub async fn serve(listener: UnixListener, book: StatusBook, mut stop: watch::Re
         let stop = stop.clone();
         tokio::spawn(async move {
             let answered = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &book)).await;
+            // An identification goes on after its request's time, bounded by its own.
+            if let Ok(Ok(Next::Identify(asked, write))) = answered {
+                identify(asked, write).await;
+                drop(permit);
+                return;
+            }
             drop(permit);
             // A follower goes on after its request's time, with a permit of its own.
-            if let Ok(Ok(Some((output, write)))) = answered {
+            if let Ok(Ok(Next::Follow(output, write))) = answered {
                 match Arc::clone(&followers).try_acquire_owned() {
                     Ok(permit) => {
                         let mut write = write;
@@ -106,6 +114,10 @@ pub async fn serve(listener: UnixListener, book: StatusBook, mut stop: watch::Re
 #[derive(Debug, PartialEq, Eq)]
 enum Request<'a> {
     Status,
+    /// Identify a board's chip (the only board's, without a name).
+    Identify {
+        board: Option<&'a str>,
+    },
     /// A board's kept output (the only board's, without a name), then its live output if
     /// `follow`.
     Log {
@@ -118,23 +130,53 @@ fn parse(line: &str) -> std::result::Result<Request<'_>, String> {
     let mut words = line.split_whitespace();
     match (words.next(), words.next(), words.next(), words.next()) {
         (Some("status"), None, ..) => Ok(Request::Status),
+        (Some("identify"), board, None, _) => Ok(Request::Identify { board }),
         (Some("log"), Some(how @ ("once" | "follow")), board, None) => Ok(Request::Log {
             board,
             follow: how == "follow",
         }),
         _ => Err(format!(
-            "error: unknown request {:?}; this esp-bridge answers: status, log once|follow [BOARD]\n",
+            "error: unknown request {:?}; this esp-bridge answers: status, log once|follow [BOARD], identify [BOARD]\n",
             line.trim().chars().take(40).collect::<String>()
         )),
     }
 }
 
-/// Answers one request; a log request that follows returns the board's output and the
-/// connection to go on with.
-async fn answer(
-    stream: UnixStream,
-    book: &StatusBook,
-) -> std::io::Result<Option<(Fanout, tokio::net::unix::OwnedWriteHalf)>> {
+/// What a connection goes on with after its request was read.
+enum Next {
+    Done,
+    /// Following a board's output.
+    Follow(Fanout, OwnedWriteHalf),
+    /// Waiting for an identification's result.
+    Identify(IdentifyAsked, OwnedWriteHalf),
+}
+
+/// An identification asked of a board's bridge: its answer to come.
+type IdentifyAsked = tokio::sync::oneshot::Receiver<std::result::Result<Identity, String>>;
+
+/// How long an identification's answer may take to come: the bridge's own bound, and time to
+/// put the device back.
+const IDENTIFY_ANSWER: Duration =
+    Duration::from_secs(crate::identify::IDENTIFY_TIMEOUT.as_secs() + 5);
+
+/// Tells the asker what the identification found.
+async fn identify(asked: IdentifyAsked, mut write: OwnedWriteHalf) {
+    let text = match tokio::time::timeout(IDENTIFY_ANSWER, asked).await {
+        Ok(Ok(Ok(chip))) => format!("{}\n", chip.describe()),
+        Ok(Ok(Err(why))) => format!("error: {why}\n"),
+        Ok(Err(_)) => "error: the board stopped before the identification finished\n".to_string(),
+        Err(_) => "error: the identification took too long\n".to_string(),
+    };
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        write.write_all(text.as_bytes()).await?;
+        write.shutdown().await
+    })
+    .await;
+}
+
+/// Answers one request; a log request that follows and an identification return what the
+/// connection goes on with.
+async fn answer(stream: UnixStream, book: &StatusBook) -> std::io::Result<Next> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))
@@ -142,6 +184,25 @@ async fn answer(
         .await?;
     let (reply, follow) = match parse(&line) {
         Ok(Request::Status) => (book.report(), None),
+        Ok(Request::Identify { board }) => {
+            let sent = match book.identify(board) {
+                Ok(bridge) => {
+                    let (ask, asked) = tokio::sync::oneshot::channel();
+                    match bridge.try_send(ask) {
+                        Ok(()) => Ok(asked),
+                        Err(_) => Err(
+                            "the board is busy with other identifications; try again in a moment"
+                                .to_string(),
+                        ),
+                    }
+                }
+                Err(why) => Err(why),
+            };
+            match sent {
+                Ok(asked) => return Ok(Next::Identify(asked, write)),
+                Err(why) => (format!("error: {why}\n"), None),
+            }
+        }
         // A follower gets the history from `console::follow`, with nothing missed between.
         Ok(Request::Log { board, follow }) => match book.output(board) {
             Ok(output) if follow => (String::new(), Some(output)),
@@ -152,10 +213,10 @@ async fn answer(
     };
     write.write_all(reply.as_bytes()).await?;
     if let Some(output) = follow {
-        return Ok(Some((output, write)));
+        return Ok(Next::Follow(output, write));
     }
     write.shutdown().await?;
-    Ok(None)
+    Ok(Next::Done)
 }
 
 /// Connects to the service's control socket.
@@ -169,22 +230,44 @@ fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream> {
     })
 }
 
-/// `esp-bridge status`: asks the service on `path` and prints its answer.
-pub fn status(path: &Path) -> Result {
+/// Sends one request to the service on `path` and returns its whole answer.
+fn ask(path: &Path, request: &str, within: Duration) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = connect(path)?;
-    // Socket activation may start the service first.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(within));
     stream
-        .write_all(b"status\n")
+        .write_all(request.as_bytes())
         .map_err(|e| Error::failure(format!("asking the service failed: {e}")))?;
     let mut reply = String::new();
     stream
         .take(1 << 20)
         .read_to_string(&mut reply)
         .map_err(|e| Error::failure(format!("reading the service's answer failed: {e}")))?;
-    print!("{reply}");
+    Ok(reply)
+}
+
+/// `esp-bridge status`: asks the service on `path` and prints its answer.
+pub fn status(path: &Path) -> Result {
+    // Socket activation may start the service first.
+    print!("{}", ask(path, "status\n", Duration::from_secs(10))?);
     Ok(())
+}
+
+/// `esp-bridge identify [BOARD]`: has the service read the board's chip and prints it.
+pub fn identify_board(path: &Path, board: Option<&str>) -> Result {
+    let reply = ask(
+        path,
+        &format!("identify {}\n", board.unwrap_or("")),
+        IDENTIFY_ANSWER + Duration::from_secs(10),
+    )?;
+    match reply.strip_prefix("error: ") {
+        Some(why) => Err(Error::failure(why.trim_end().to_string())),
+        None if reply.is_empty() => Err(Error::failure("the service gave no answer")),
+        None => {
+            print!("{reply}");
+            Ok(())
+        }
+    }
 }
 
 /// `esp-bridge log [BOARD] [-f]`: prints the board's kept output, then (with `follow`) what

@@ -13,9 +13,10 @@
 use crate::config::{BoardConfig, Config, ControlBackend, Network, SecondClient};
 use crate::connection::BoardContext;
 use crate::fanout::Fanout;
+use crate::identify::{Ask, Identity};
 use crate::log_limit::limited;
 use crate::protocol::{Engine, PortKind};
-use crate::seat::{Decision, Heard, Seat, SeatPolicy, WriterState};
+use crate::seat::{Busy, Decision, Heard, Seat, SeatPolicy, WriterState};
 use crate::session::{ClientView, SharedControl, StopRequest};
 use crate::settings::LineSettings;
 use crate::shutdown::stopping;
@@ -61,7 +62,12 @@ pub struct Bridge {
     control: SharedControl,
     status: StatusHandle,
     fanout: Fanout,
+    /// Requests to identify the board's chip (from the control socket).
+    asks: mpsc::Receiver<Ask>,
 }
+
+/// Identification requests waiting for a board's bridge; more are refused at once.
+const MAX_ASKS: usize = 2;
 
 /// How long the device stays open after the last client left: the boot log a chip prints
 /// after esptool's final reset reaches the board's history (`esp-bridge log`).
@@ -107,7 +113,13 @@ struct Board {
     reopen_at: Option<Instant>,
     /// The device was found missing and that was logged; its return is logged too.
     missing: bool,
+    /// An identification of the chip under way: it has the device.
+    identifying: Option<JoinHandle<()>>,
+    name: String,
 }
+
+/// An identification's end: its result, the device back, and whom to tell.
+type Identified = (Result<Identity, String>, SerialDevice, Ask);
 
 impl Bridge {
     /// Adds the board to `book` (idle, listening on `listeners`, keeping `history` bytes of
@@ -131,13 +143,18 @@ impl Bridge {
             resets,
         ));
         let fanout = Fanout::new(history);
-        book.add_output(name, fanout.clone());
+        let (ask, asks) = mpsc::channel(MAX_ASKS);
+        book.add_links(name, fanout.clone(), ask);
+        if let Some(chip) = crate::identify::load(name) {
+            status.set_chip(chip);
+        }
         Bridge {
             name: name.to_string(),
             listeners,
             control,
             status,
             fanout,
+            asks,
         }
     }
 
@@ -158,7 +175,9 @@ impl Bridge {
             control,
             status,
             fanout,
+            mut asks,
         } = self;
+        let (identified_tx, mut identified) = mpsc::channel::<Identified>(1);
         let mut served = Served::of(&name, &config.borrow_and_update());
         let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(4);
         let mut acceptors = Vec::new();
@@ -185,6 +204,8 @@ impl Bridge {
             journal: served.board.serial.journal,
             reopen_at: None,
             missing: false,
+            identifying: None,
+            name: name.clone(),
         };
         let journal = board.journal.then(|| {
             tokio::spawn(crate::journal_output::run(board.fanout.clone()).in_current_span())
@@ -202,6 +223,11 @@ impl Bridge {
                     ToBoard::Claim { id, peer, answer } => board.claim(id, peer, answer).await,
                     ToBoard::Returned { id, uart } => board.returned(id, uart).await,
                 },
+                Some(done) = identified.recv() => board.identified(done),
+                Some(ask) = asks.recv() => {
+                    let served = served.latest(&mut config);
+                    board.identify(ask, &served, &identified_tx).await;
+                }
                 next = accepted.recv() => {
                     let Some(newcomer) = next else { break };
                     let served = served.latest(&mut config);
@@ -256,6 +282,11 @@ impl Bridge {
             board.tasks.abort_all();
         }
         if let Some(task) = journal {
+            task.abort();
+        }
+        if let Some(task) = board.identifying.take() {
+            // The chip may be left in its bootloader: the release below resets it into its
+            // application (after_disconnect = "run").
             task.abort();
         }
         board.device.close().await;
@@ -438,6 +469,15 @@ impl Board {
         if !self.members.contains_key(&id) {
             return;
         }
+        if self.identifying.is_some() {
+            // Seconds at most: the claimant asks again as it sends.
+            let _ = answer.send(ClaimAnswer::Busy(Busy {
+                by: SocketAddr::from(([0, 0, 0, 0], 0)),
+                silent_for: Duration::ZERO,
+                changing_hands: true,
+            }));
+            return;
+        }
         let writer = self
             .seat
             .writer()
@@ -558,6 +598,67 @@ impl Board {
             release(&self.control);
         }
         self.linger_if_alone();
+        self.show();
+    }
+
+    /// `esp-bridge identify`: the device lent to an identification, unless a client writes.
+    async fn identify(&mut self, ask: Ask, served: &Served, done: &mpsc::Sender<Identified>) {
+        let refused = if self.identifying.is_some() {
+            Some("an identification of this board is under way".to_string())
+        } else if let Some(m) = self.seat.writer().and_then(|(w, _)| self.members.get(&w)) {
+            Some(format!(
+                "client {} writes to this board; try again when it is done (identifying resets the chip)",
+                m.peer
+            ))
+        } else if self.takeover.is_some() {
+            Some("the board is changing hands between clients; try again in a moment".into())
+        } else {
+            self.open(served).err()
+        };
+        if let Some(why) = refused {
+            let _ = ask.send(Err(why));
+            return;
+        }
+        let mut uart = match self.device.take().await {
+            Ok(uart) => uart,
+            Err(why) => {
+                let _ = ask.send(Err(why));
+                return;
+            }
+        };
+        self.device = Device::Lent;
+        self.close_at = None;
+        let control = self.control.clone();
+        let settings = served.board.serial.line_settings();
+        let done = done.clone();
+        tracing::info!(
+            "identifying the chip (esp-bridge identify): resetting it into its bootloader"
+        );
+        self.identifying = Some(tokio::spawn(
+            async move {
+                let result = crate::identify::identify(&mut uart, &control, &settings).await;
+                let _ = done.send((result, uart, ask)).await;
+            }
+            .in_current_span(),
+        ));
+    }
+
+    /// An identification is over: the device back to the watchers, the result kept and told.
+    fn identified(&mut self, (result, uart, ask): Identified) {
+        self.identifying = None;
+        self.device = Device::idle(uart, &self.fanout);
+        self.linger_if_alone();
+        match &result {
+            Ok(chip) => {
+                tracing::info!("chip identified: {}", chip.describe());
+                self.status.set_chip(chip.clone());
+                if let Err(e) = crate::identify::save(&self.name, chip) {
+                    tracing::warn!("could not keep the chip's identity across restarts: {e}");
+                }
+            }
+            Err(why) => tracing::warn!("identifying the chip failed: {why}"),
+        }
+        let _ = ask.send(result);
         self.show();
     }
 

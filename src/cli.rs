@@ -80,6 +80,13 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Read which chip a board has (model, revision, MAC, flash size) through its ROM
+    /// loader, asking the running service (on the Pi), which resets the chip into its
+    /// bootloader and back into its application; refused while a client writes
+    Identify {
+        /// The board's name (not needed when there is one board)
+        board: Option<String>,
+    },
     /// List the serial devices of this machine with their stable names, which board uses
     /// each, and a ready [[board]] table for the others
     Devices,
@@ -199,6 +206,13 @@ pub fn run() -> u8 {
                 .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
             board.as_deref(),
             follow,
+        ),
+        Command::Identify { board } => crate::admin::identify_board(
+            cli.options
+                .control_socket
+                .as_deref()
+                .unwrap_or(std::path::Path::new(crate::admin::DEFAULT_PATH)),
+            board.as_deref(),
         ),
         Command::Devices => load(&cli.options, &overrides).map(|(config, _)| {
             print!(

@@ -30,6 +30,7 @@ mod devices;
 mod error;
 mod fanout;
 mod history;
+mod identify;
 mod journal_output;
 mod labgrid;
 mod log_limit;

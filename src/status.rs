@@ -3,13 +3,14 @@
 
 use crate::control::{ResetKind, ResetLog};
 use crate::fanout::Fanout;
+use crate::identify::{Ask, Identity};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// A board's activity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub struct BoardStatus {
     /// The board's reset engine's record; `None` where resets are not planned here (no
     /// control lines, or `mode = "direct"`).
     pub resets: Option<ResetLog>,
+    /// Its chip, once identified (`esp-bridge identify`; kept across restarts).
+    pub chip: Option<Identity>,
 }
 
 impl BoardStatus {
@@ -60,6 +63,7 @@ impl BoardStatus {
             activity: Activity::Idle,
             since: Instant::now(),
             resets,
+            chip: None,
         }
     }
 
@@ -94,6 +98,15 @@ impl BoardStatus {
             }
         };
         let _ = writeln!(out, "\tlast reset: {reset}");
+        if let Some(chip) = &self.chip {
+            let when = std::time::UNIX_EPOCH + Duration::from_secs(chip.at);
+            let _ = writeln!(
+                out,
+                "\tchip: {} (identified {} UTC)",
+                chip.describe(),
+                &crate::history::utc(when)[..16]
+            );
+        }
         out
     }
 
@@ -117,12 +130,19 @@ impl BoardStatus {
     }
 }
 
-/// Every board's status, and where its output can be read (`esp-bridge log`); cheap to
-/// clone, shared by the writers.
+/// Every board's status, where its output can be read (`esp-bridge log`) and where to ask
+/// for its chip's identity; cheap to clone, shared by the writers.
 #[derive(Clone)]
 pub struct StatusBook {
     boards: Arc<watch::Sender<Vec<BoardStatus>>>,
-    outputs: Arc<Mutex<BTreeMap<String, Fanout>>>,
+    links: Arc<Mutex<BTreeMap<String, BoardLinks>>>,
+}
+
+/// What the control socket reaches of one board.
+#[derive(Clone)]
+struct BoardLinks {
+    output: Fanout,
+    identify: mpsc::Sender<Ask>,
 }
 
 impl Default for StatusBook {
@@ -135,34 +155,43 @@ impl StatusBook {
     pub fn new() -> Self {
         StatusBook {
             boards: Arc::new(watch::Sender::new(Vec::new())),
-            outputs: Arc::new(Mutex::new(BTreeMap::new())),
+            links: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
 
-    /// Makes a board's output readable by name.
-    pub fn add_output(&self, name: &str, output: Fanout) {
-        self.outputs
+    /// Makes a board's output readable, and its chip identifiable, by name.
+    pub fn add_links(&self, name: &str, output: Fanout, identify: mpsc::Sender<Ask>) {
+        self.links
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string(), output);
+            .insert(name.to_string(), BoardLinks { output, identify });
     }
 
-    /// A board's output, by name; with no name, the only board's.
-    pub fn output(&self, name: Option<&str>) -> Result<Fanout, String> {
-        let outputs = self.outputs.lock().unwrap_or_else(PoisonError::into_inner);
-        let names = || outputs.keys().cloned().collect::<Vec<_>>().join(", ");
+    fn links(&self, name: Option<&str>) -> Result<BoardLinks, String> {
+        let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        let names = || links.keys().cloned().collect::<Vec<_>>().join(", ");
         match name {
-            Some(n) => outputs
+            Some(n) => links
                 .get(n)
                 .cloned()
                 .ok_or_else(|| format!("no board named {n:?}; the boards are: {}", names())),
-            None if outputs.len() == 1 => outputs
+            None if links.len() == 1 => links
                 .values()
                 .next()
                 .cloned()
                 .ok_or_else(|| "no boards".to_string()),
             None => Err(format!("name the board: {}", names())),
         }
+    }
+
+    /// A board's output, by name; with no name, the only board's.
+    pub fn output(&self, name: Option<&str>) -> Result<Fanout, String> {
+        self.links(name).map(|l| l.output)
+    }
+
+    /// Where to ask for a board's identification, by name; with no name, the only board's.
+    pub fn identify(&self, name: Option<&str>) -> Result<mpsc::Sender<Ask>, String> {
+        self.links(name).map(|l| l.identify)
     }
 
     /// Adds a board and returns the handle its bridge and sessions write through.
@@ -239,6 +268,15 @@ impl StatusHandle {
                 }
                 _ => false,
             });
+    }
+
+    /// The board's chip, as identified.
+    pub fn set_chip(&self, chip: Identity) {
+        self.book.boards.send_modify(|boards| {
+            if let Some(b) = boards.get_mut(self.index) {
+                b.chip = Some(chip);
+            }
+        });
     }
 
     /// The served client's baud rate changed.

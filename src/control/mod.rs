@@ -99,6 +99,10 @@ impl ResetLog {
 }
 
 /// The policy between the client's DTR/RTS and the pins.
+/// The control lines, shared between the bridge (which releases them when a writer stops
+/// and at shutdown), the session being served and an identification.
+pub type SharedControl = std::sync::Arc<std::sync::Mutex<Box<dyn Control>>>;
+
 pub trait Control: Send {
     /// The client changed DTR or RTS (called for every SET-CONTROL, in stream order, with
     /// both values as they now stand). Must not block: it is called from the session.

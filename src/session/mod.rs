@@ -18,7 +18,6 @@ mod view;
 pub use port::ComPort;
 pub use view::ClientView;
 
-use crate::control::Control;
 use crate::log_limit::limited;
 use crate::protocol::esp_raw::EspRaw;
 use crate::protocol::{Engine, Event, PortCommand};
@@ -28,7 +27,6 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -128,9 +126,7 @@ pub struct Report {
     pub discarded: u64,
 }
 
-/// The control lines, shared between the server (which releases them at shutdown) and the
-/// session being served.
-pub type SharedControl = Arc<Mutex<Box<dyn Control>>>;
+pub use crate::control::SharedControl;
 
 /// How the client's bytes are framed, by the port it connected to.
 pub enum Framing {

@@ -11,7 +11,8 @@ lab2's EN remapped in the TOML and put into effect with `esp-bridge apply` while
 runs, and lab2 flashed through the new line; lab1's output in the journal (`journal = true`:
 the service then runs without a client and from boot) and on its console port (2230): the
 boot log its chip prints when it is powered up again with no client connected, found with
-`journalctl -u esp-bridge BOARD=lab1` and replayed with timestamps by the console; an upgrade that keeps the edited config and
+`journalctl -u esp-bridge BOARD=lab1` and replayed with timestamps by the console; lab1's chip identified (`esp-bridge identify lab1`,
+through its GPIO lines) and its identity kept across a restart of the service; an upgrade that keeps the edited config and
 listens again on both boards' ports, and apt purge restoring the boot files byte for byte and
 leaving no unit, generated or not, and no listener."""
 
@@ -186,6 +187,12 @@ wait_host phase-2-done
 journalctl -u esp-bridge BOARD=lab1 -o json --no-pager > $H/lab1-journal.json
 journalctl -u esp-bridge BOARD=lab1 --no-pager | grep -F 'App image MD5' | tail -3
 
+say "identify lab1's chip through its GPIO lines; kept across a restart"
+esp-bridge identify lab1 2>&1 | tee $H/identify-lab1.txt || note "esp-bridge identify lab1 failed: $(cat $H/identify-lab1.txt)"
+systemctl restart esp-bridge.service
+esp-bridge status | tee $H/status-identified.txt
+ls -l /var/lib/esp-bridge-chips/ || note "no /var/lib/esp-bridge-chips"
+
 say "remap lab2's EN from GPIO23 to GPIO27: edit its table, esp-bridge apply (the service runs)"
 systemctl is-active esp-bridge.service || note "the service does not run before the remap"
 sed -i 's|^reset = "GPIO23"|reset = "GPIO27"|' /etc/esp-bridge.toml
@@ -217,6 +224,7 @@ for f in /usr/bin/esp-bridge /etc/esp-bridge.toml /var/lib/esp-bridge \
          /run/systemd/generator/esp-bridge-lab1-console.socket \
          /run/systemd/generator/esp-bridge.socket.wants \
          /run/systemd/generator/multi-user.target.wants/esp-bridge.service \
+         /var/lib/esp-bridge-chips /var/lib/private/esp-bridge-chips \
          /etc/systemd/system/sockets.target.wants/esp-bridge.socket; do
     [ -e "$f" ] && fail "$f left behind after purge"
 done
@@ -363,6 +371,7 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
         lab1_seen, lab2_seen = len(sim_events(events1)), sim_events(events2)
         write_flash(lab2_rfc, "lab2", "lab2: write over RFC 2217")
         verify_flash(lab2_raw, "lab2", "lab2: verify over raw")
+        lab1_during_lab2 = sim_events(events1)[lab1_seen:]
         # lab1's chip powered off and on (its flash kept) with no client connected: the boot
         # log it prints then goes to the journal, and its console replays it.
         stop(sim)
@@ -374,8 +383,10 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
         v.signal("phase-2-done")
 
         wait_for_guest(v, "ready-3", 300, context)
+        # (lab1's chip was identified meanwhile, which takes it through its bootloader.)
+        lab1_seen = len(sim_events(events1))
         write_flash(lab2_raw, "lab2-remapped", "lab2 after the remap: write over raw")
-        lab1_during_lab2 = sim_events(events1)[lab1_seen:]
+        lab1_during_lab2 += sim_events(events1)[lab1_seen:]
     finally:
         for phase in (1, 2, 3):
             v.signal(f"phase-{phase}-done")
@@ -423,6 +434,12 @@ def test_deb_install_flash_remap_upgrade_purge(boot, esp_bridge_bin, tmp_path):
     at = datetime.datetime.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S.%f").replace(
         tzinfo=datetime.timezone.utc).timestamp()
     assert powered - 30 < at < powered + 60, (powered, m.group(1))
+
+    # `esp-bridge identify lab1`: the chip read through lab1's own GPIO lines and the strap
+    # relay, kept across a restart of the service (its StateDirectory=).
+    assert v.read("identify-lab1.txt", "").strip() == "ESP32 v3.1, MAC 24:0a:c4:12:34:56, 4 MiB flash", v.read("identify-lab1.txt")
+    lab1_status = status_boards(v.read("status-identified.txt", "")).get("lab1", "")
+    assert "\tchip: ESP32 v3.1, MAC 24:0a:c4:12:34:56, 4 MiB flash (identified " in lab1_status, lab1_status
 
     # Each chip holds what was written through its own board's ports.
     assert flash1.read_bytes()[ADDRESS:ADDRESS + 32 * 1024] == images["lab1"].read_bytes(), "lab1's flash"

@@ -7,6 +7,7 @@
 //! little-endian u16 data length, a u32 checksum (data packets only) and the data; a response
 //! is direction 0x01, the op, a u16 length, a u32 value and data ending in status bytes.
 
+pub mod esp32;
 pub mod slip;
 
 /// First byte of a packet from the host.

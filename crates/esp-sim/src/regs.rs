@@ -11,32 +11,19 @@ use std::collections::HashMap;
 
 use super::flash::Flash;
 
-pub const CHIP_DETECT_MAGIC_REG: u32 = 0x4000_1000;
-pub const ESP32_MAGIC: u32 = 0x00F0_1D83;
+use esp_loader::esp32::{
+    APB_CTL_DATE, EFUSE_BASE, SPI_ADDR, SPI_CMD, SPI_CMD_USR, SPI_MISO_DLEN, SPI_MOSI_DLEN,
+    SPI_USER, SPI_USER1, SPI_USER2, SPI_USR_ADDR, SPI_USR_MISO, SPI_USR_MOSI, SPI_W0,
+};
+pub use esp_loader::esp32::{CHIP_DETECT_MAGIC_REG, MAGIC as ESP32_MAGIC};
 
-const EFUSE_BASE: u32 = 0x3FF5_A000;
 const EFUSE_WORDS: u32 = 64;
-const APB_CTL_DATE: u32 = 0x3FF6_607C;
 const UART0_CLKDIV: u32 = 0x3FF4_0014;
 const UART0_DATE: u32 = 0x3FF4_0078;
 /// The same UART0 register block seen through its other bus alias.
 const UART0_DATE_ALIAS: u32 = 0x6000_0078;
 const RTC_CALI_CFG1: u32 = 0x3FF5_F06C;
 const GPIO_STRAP: u32 = 0x3FF4_4038;
-
-const SPI1_BASE: u32 = 0x3FF4_2000;
-const SPI_CMD: u32 = SPI1_BASE;
-const SPI_ADDR: u32 = SPI1_BASE + 0x04;
-const SPI_USER: u32 = SPI1_BASE + 0x1C;
-const SPI_USER1: u32 = SPI1_BASE + 0x20;
-const SPI_USER2: u32 = SPI1_BASE + 0x24;
-const SPI_MOSI_DLEN: u32 = SPI1_BASE + 0x28;
-const SPI_MISO_DLEN: u32 = SPI1_BASE + 0x2C;
-const SPI_W0: u32 = SPI1_BASE + 0x80;
-const SPI_CMD_USR: u32 = 1 << 18;
-const SPI_USR_ADDR: u32 = 1 << 30;
-const SPI_USR_MISO: u32 = 1 << 28;
-const SPI_USR_MOSI: u32 = 1 << 27;
 
 /// The factory MAC the eFuses hold: an Espressif OUI.
 pub const MAC: [u8; 6] = [0x24, 0x0A, 0xC4, 0x12, 0x34, 0x56];
