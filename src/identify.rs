@@ -20,7 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The most one identification may take, reset and all.
 pub const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
-/// SYNC attempts, each waiting this long for the ROM's answer (esptool: 7 tries per reset).
+/// Resets into the bootloader tried, each followed by SYNC attempts, each waiting this long
+/// for the ROM's answer (esptool: 7 tries per reset, several resets).
+const RESET_TRIES: usize = 3;
 const SYNC_TRIES: usize = 10;
 const SYNC_WAIT: Duration = Duration::from_millis(100);
 /// How long one register read may take.
@@ -366,17 +368,26 @@ async fn read_chip<U: Uart>(uart: &mut U, control: &SharedControl) -> Result<Ide
     };
     set_line(uart, &rom)
         .map_err(|e| format!("setting the serial device to 115200 8N1 failed: {e}"))?;
-    lock(control)
-        .enter_bootloader()
-        .map_err(|e| format!("cannot reset the chip: {e}"))?;
-    let settled = lock(control).settled();
-    settled.await;
-    let _ = uart.purge(true, false);
     let mut loader = Loader {
         uart,
         decoder: Decoder::new(),
     };
-    loader.sync().await?;
+    // A reset that did not take (a chip still booting, a line change lost on its way) gets
+    // another, as esptool's connect does.
+    let mut synced = Err(String::new());
+    for _ in 0..RESET_TRIES {
+        lock(control)
+            .enter_bootloader()
+            .map_err(|e| format!("cannot reset the chip: {e}"))?;
+        let settled = lock(control).settled();
+        settled.await;
+        let _ = loader.uart.purge(true, false);
+        synced = loader.sync().await;
+        if synced.is_ok() {
+            break;
+        }
+    }
+    synced?;
     let magic = loader.read_reg(CHIP_DETECT_MAGIC_REG).await?;
     let at = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
