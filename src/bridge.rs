@@ -12,6 +12,7 @@
 
 use crate::config::{BoardConfig, Config, ControlBackend, Network, SecondClient};
 use crate::connection::BoardContext;
+use crate::control::lock;
 use crate::fanout::Fanout;
 use crate::identify::{Ask, Identity};
 use crate::log_limit::limited;
@@ -132,10 +133,7 @@ impl Bridge {
         book: &StatusBook,
         history: usize,
     ) -> Self {
-        let resets = control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .resets();
+        let resets = lock(&control).resets();
         let status = book.add(BoardStatus::new(
             name,
             listening(&listeners),
@@ -838,12 +836,6 @@ impl Served {
         }
         self.clone()
     }
-}
-
-fn lock(control: &SharedControl) -> std::sync::MutexGuard<'_, Box<dyn crate::control::Control>> {
-    control
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn release(control: &SharedControl) {

@@ -5,7 +5,7 @@
 //! so it never fights a client, and it is bounded in time.
 
 use crate::control::ModemOutputs;
-use crate::control::SharedControl;
+use crate::control::{SharedControl, lock};
 use crate::settings::{FlowControl, LineSettings, Parity, StopBits};
 use crate::uart::Uart;
 use esp_loader::esp32::{
@@ -320,20 +320,6 @@ impl<U: Uart> Loader<'_, U> {
     }
 }
 
-fn set_line<U: Uart>(uart: &mut U, s: &LineSettings) -> std::io::Result<()> {
-    uart.set_baud(s.baud)?;
-    uart.set_data_bits(s.data_bits)?;
-    uart.set_parity(s.parity)?;
-    uart.set_stop_bits(s.stop_bits)?;
-    uart.set_flow(s.flow)
-}
-
-fn lock(control: &SharedControl) -> std::sync::MutexGuard<'_, Box<dyn crate::control::Control>> {
-    control
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Resets the chip into its ROM loader, reads what it is, and resets it into its application;
 /// the UART is left at `settings` (the board's own) whatever happens.
 pub async fn identify<U: Uart>(
@@ -343,7 +329,7 @@ pub async fn identify<U: Uart>(
 ) -> Result<Identity, String> {
     let read = tokio::time::timeout(IDENTIFY_TIMEOUT, read_chip(uart, control)).await;
     let back = run_application(control).await;
-    let restored = set_line(uart, settings);
+    let restored = uart.set_line(settings);
     let identity = match read {
         Ok(r) => r?,
         Err(_) => {
@@ -366,7 +352,7 @@ async fn read_chip<U: Uart>(uart: &mut U, control: &SharedControl) -> Result<Ide
         stop_bits: StopBits::One,
         flow: FlowControl::None,
     };
-    set_line(uart, &rom)
+    uart.set_line(&rom)
         .map_err(|e| format!("setting the serial device to 115200 8N1 failed: {e}"))?;
     let mut loader = Loader {
         uart,

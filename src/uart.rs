@@ -56,6 +56,14 @@ pub trait Uart: AsyncRead + AsyncWrite + Unpin + Send {
     fn drain(&mut self) -> Drain;
     /// The modem input lines; `Err` when the device has none (a pty, most Pi UARTs).
     fn modem_status(&mut self) -> io::Result<ModemStatus>;
+    /// Every line setting of `s` at once.
+    fn set_line(&mut self, s: &LineSettings) -> io::Result<()> {
+        self.set_baud(s.baud)?;
+        self.set_data_bits(s.data_bits)?;
+        self.set_parity(s.parity)?;
+        self.set_stop_bits(s.stop_bits)?;
+        self.set_flow(s.flow)
+    }
 }
 
 /// A tty opened with serialport, its bytes moved through tokio.

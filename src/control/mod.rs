@@ -103,6 +103,14 @@ impl ResetLog {
 /// and at shutdown), the session being served and an identification.
 pub type SharedControl = std::sync::Arc<std::sync::Mutex<Box<dyn Control>>>;
 
+/// The control lines, for one call; a holder that panicked leaves them usable (their state is
+/// the engine's own, kept consistent under the lock).
+pub fn lock(control: &SharedControl) -> std::sync::MutexGuard<'_, Box<dyn Control>> {
+    control
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub trait Control: Send {
     /// The client changed DTR or RTS (called for every SET-CONTROL, in stream order, with
     /// both values as they now stand). Must not block: it is called from the session.

@@ -5,7 +5,7 @@
 
 use super::ClientView;
 use super::SharedControl;
-use crate::control::ModemOutputs;
+use crate::control::{ModemOutputs, lock};
 use crate::log_limit::limited;
 use crate::protocol::{ControlRequest, PortCommand, Reply, Request};
 use crate::settings::{
@@ -384,11 +384,7 @@ impl<U: Uart> ComPort<U> {
     }
 
     fn set_outputs(&mut self, wanted: ModemOutputs) {
-        let result = self
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .client_outputs(wanted);
+        let result = lock(&self.control).client_outputs(wanted);
         match result {
             // The client's view is acknowledged even when nothing physical changed: what the
             // pins do is the control policy's business.
@@ -405,18 +401,11 @@ impl<U: Uart> ComPort<U> {
     /// The raw port's esptool client: put the chip into its bootloader.
     /// Whether the chip can be put into its bootloader from here.
     pub fn can_reset(&self) -> bool {
-        self.control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .can_reset()
+        lock(&self.control).can_reset()
     }
 
     pub fn enter_bootloader(&mut self) {
-        let result = self
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .enter_bootloader();
+        let result = lock(&self.control).enter_bootloader();
         match result {
             Ok(()) => limited!(
                 info,
