@@ -39,6 +39,9 @@ const SPIFLASH_RDID: u32 = 0x9F;
 /// `identify`, through the status book, to the board's bridge).
 pub type Ask = tokio::sync::oneshot::Sender<Result<Identity, String>>;
 
+/// The latest time a kept record may say: 9999-12-31 23:59:59 UTC.
+const LATEST_RECORD: u64 = 253_402_300_799;
+
 /// What is known of a board's chip.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -99,7 +102,9 @@ impl Identity {
             let (key, value) = line.split_once('=')?;
             match key {
                 "chip" if value.len() <= 32 => id.chip = value.to_string(),
-                "at" => id.at = value.parse().ok()?,
+                // A time `status` can show (up to the year 9999): a damaged file's huge
+                // number would overflow the clock's arithmetic.
+                "at" => id.at = value.parse().ok().filter(|at| *at <= LATEST_RECORD)?,
                 "revision" => {
                     let (a, b) = value.split_once('.')?;
                     id.revision = Some((a.parse().ok()?, b.parse().ok()?));
@@ -466,6 +471,7 @@ mod tests {
             "chip=ESP32\nmac=zz:00\n",
             "x=1\n",
             "chip=ESP32\nat=-1\n",
+            "chip=ESP32\nat=18446744073709551615\n",
         ] {
             assert_eq!(Identity::from_record(bad), None, "{bad:?}");
         }
